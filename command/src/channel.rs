@@ -1,0 +1,240 @@
+//! The supervisor ⇄ worker channel: one `socketpair(AF_UNIX, SOCK_SEQPACKET)` per worker.
+//!
+//! Each [`ChannelMessage`] travels as one datagram, so the kernel keeps message boundaries, and
+//! the file descriptors a message carries are attached to that very datagram (SCM_RIGHTS). The
+//! receiver treats the peer as untrusted: a message larger than the buffer, truncated control
+//! data, or file descriptors the message kind does not carry are errors, and every descriptor
+//! that arrived is closed on those paths (they are wrapped in [`OwnedFd`] the moment they exist).
+
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair};
+use prost::Message;
+
+use crate::proto::{ChannelMessage, channel_message::Kind};
+
+/// Largest datagram a channel sends or accepts. It must fit the socket's send buffer; a large
+/// state travels as many messages.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Most descriptors one message may carry; more arrive as MSG_CTRUNC and are refused.
+pub const MAX_FDS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("creating the worker channel failed: {0}")]
+    Create(Errno),
+    #[error("sending on the worker channel failed: {0}")]
+    Send(Errno),
+    #[error("receiving on the worker channel failed: {0}")]
+    Receive(Errno),
+    #[error("message of {len} bytes exceeds the channel limit of {MAX_MESSAGE} bytes")]
+    TooLarge { len: usize },
+    #[error("the peer sent a message larger than the channel buffer (MSG_TRUNC)")]
+    Truncated,
+    #[error("the peer attached more file descriptors than the channel accepts (MSG_CTRUNC)")]
+    ControlTruncated,
+    #[error("message `{kind}` carries {expected} file descriptor(s), got {got}")]
+    UnexpectedFds {
+        kind: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("unexpected control message on the channel: {0}")]
+    UnexpectedControl(String),
+    #[error("channel message of {len} bytes is not a valid ChannelMessage: {source}")]
+    Decode {
+        len: usize,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("channel message has no kind")]
+    Empty,
+}
+
+/// The number of file descriptors a message of this kind carries.
+pub fn expected_fds(message: &ChannelMessage) -> usize {
+    match &message.kind {
+        Some(Kind::Listener(_)) => 1,
+        _ => 0,
+    }
+}
+
+/// A short name for a channel message kind, for errors and logs.
+pub fn kind_name(message: &ChannelMessage) -> &'static str {
+    match &message.kind {
+        None => "none",
+        Some(Kind::Order(_)) => "order",
+        Some(Kind::Listener(_)) => "listener",
+        Some(Kind::Reply(_)) => "reply",
+        Some(Kind::JailReport(_)) => "jail_report",
+        Some(Kind::Log(_)) => "log",
+    }
+}
+
+/// A message and the descriptors that came with it.
+#[derive(Debug)]
+pub struct Received {
+    pub message: ChannelMessage,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// One end of a worker channel.
+#[derive(Debug)]
+pub struct Channel {
+    fd: OwnedFd,
+}
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Channel {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl From<OwnedFd> for Channel {
+    fn from(fd: OwnedFd) -> Self {
+        Channel { fd }
+    }
+}
+
+impl Channel {
+    /// Creates a connected pair, both ends close-on-exec (the supervisor clears the flag on the
+    /// one end a worker inherits).
+    pub fn pair() -> Result<(Channel, Channel), ChannelError> {
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(ChannelError::Create)?;
+        Ok((Channel { fd: a }, Channel { fd: b }))
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    /// Switches the socket to non-blocking mode (for use in an event loop).
+    pub fn set_nonblocking(&self, nonblocking: bool) -> Result<(), ChannelError> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let flags = fcntl(&self.fd, FcntlArg::F_GETFL).map_err(ChannelError::Create)?;
+        let mut flags = OFlag::from_bits_truncate(flags);
+        flags.set(OFlag::O_NONBLOCK, nonblocking);
+        fcntl(&self.fd, FcntlArg::F_SETFL(flags)).map_err(ChannelError::Create)?;
+        Ok(())
+    }
+
+    /// Sends one message with exactly the descriptors its kind carries.
+    pub fn send(&self, message: &ChannelMessage, fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
+        let expected = expected_fds(message);
+        if fds.len() != expected {
+            return Err(ChannelError::UnexpectedFds {
+                kind: kind_name(message),
+                expected,
+                got: fds.len(),
+            });
+        }
+        let bytes = message.encode_to_vec();
+        if bytes.len() > MAX_MESSAGE {
+            return Err(ChannelError::TooLarge { len: bytes.len() });
+        }
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let rights = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+        let iov = [IoSlice::new(&bytes)];
+        loop {
+            match sendmsg::<()>(self.fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(ChannelError::Send(e)),
+            }
+        }
+    }
+
+    /// Receives one message. `Ok(None)` means the peer closed its end. On a non-blocking
+    /// channel with nothing to read, returns `Err(ChannelError::Receive(Errno::EAGAIN))`.
+    pub fn recv(&self) -> Result<Option<Received>, ChannelError> {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        // Room for MAX_FDS descriptors, u64-aligned as cmsghdr requires.
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
+        let mut control = vec![0u64; space.div_ceil(8)];
+        let (len, flags, fds, stray) = loop {
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: an all-zero msghdr is a valid value; the pointers set below outlive the call.
+            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+            header.msg_iov = &mut iov;
+            header.msg_iovlen = 1;
+            header.msg_control = control.as_mut_ptr().cast();
+            header.msg_controllen = space as _;
+            // SAFETY: header points at live buffers of the lengths it declares.
+            let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut header, libc::MSG_CMSG_CLOEXEC) };
+            if n < 0 {
+                match Errno::last() {
+                    Errno::EINTR => continue,
+                    e => return Err(ChannelError::Receive(e)),
+                }
+            }
+            // Take ownership of every descriptor that arrived before looking at anything else, so
+            // that every error below closes them. With MSG_CTRUNC the kernel still installed the
+            // descriptors that fit, and sized the header to them.
+            let mut fds = Vec::new();
+            let mut stray = None;
+            // SAFETY: walking the control buffer the kernel filled, with the libc macros that
+            // bound every header by msg_controllen.
+            unsafe {
+                let mut cmsg = libc::CMSG_FIRSTHDR(&header);
+                while !cmsg.is_null() {
+                    let c = &*cmsg;
+                    if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SCM_RIGHTS {
+                        let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                        let count = (c.cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                        for i in 0..count {
+                            let fd = std::ptr::read_unaligned(data.add(i));
+                            // The kernel just installed this descriptor for us; nothing else owns it.
+                            fds.push(OwnedFd::from_raw_fd(fd));
+                        }
+                    } else {
+                        stray = Some(format!("level {} type {}", c.cmsg_level, c.cmsg_type));
+                    }
+                    cmsg = libc::CMSG_NXTHDR(&header, cmsg);
+                }
+            }
+            break (n as usize, MsgFlags::from_bits_truncate(header.msg_flags), fds, stray);
+        };
+        if flags.contains(MsgFlags::MSG_CTRUNC) {
+            return Err(ChannelError::ControlTruncated);
+        }
+        if flags.contains(MsgFlags::MSG_TRUNC) {
+            return Err(ChannelError::Truncated);
+        }
+        if let Some(stray) = stray {
+            return Err(ChannelError::UnexpectedControl(stray));
+        }
+        if len == 0 && fds.is_empty() {
+            // A zero-length datagram is how a SEQPACKET peer's close shows up.
+            return Ok(None);
+        }
+        let body = buf.get(..len).unwrap_or_default();
+        let message = ChannelMessage::decode(body).map_err(|source| ChannelError::Decode { len, source })?;
+        if message.kind.is_none() {
+            return Err(ChannelError::Empty);
+        }
+        let expected = expected_fds(&message);
+        if fds.len() != expected {
+            return Err(ChannelError::UnexpectedFds {
+                kind: kind_name(&message),
+                expected,
+                got: fds.len(),
+            });
+        }
+        Ok(Some(Received { message, fds }))
+    }
+}
