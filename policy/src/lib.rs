@@ -1,5 +1,12 @@
-//! What rampart's processes may do, as data: the worker's sandbox profile (system calls with
-//! their argument conditions, landlock rules, rlimits, the unprivileged account) and, later, the
-//! control-plane access rules. This crate only describes; `rampart-sandbox` enforces.
+//! What rampart's processes and clients may do, as data a reviewer can read.
 //!
-//! It must never perform a system call that changes the calling process.
+//! - [`profile`]: the worker's sandbox profile: the system calls it may make (each with its
+//!   argument conditions and the reason it is needed), its landlock rules, rlimits and the
+//!   unprivileged account it runs as. `rampart policy show` prints it.
+//! - [`access`]: who may send which command-socket requests (roles, tenants, rate limits).
+//!
+//! This crate only describes; `rampart-sandbox` enforces a profile and the supervisor enforces
+//! access. It must never perform a system call that changes the calling process.
+
+pub mod access;
+pub mod profile;

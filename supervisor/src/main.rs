@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use rampart_command::config::Config;
+use rampart_policy::profile::{Profile, ProfileOptions};
 
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("RAMPART_GIT_REVISION"), ")");
 
@@ -21,6 +22,40 @@ enum Command {
     Config {
         #[command(subcommand)]
         action: ConfigAction,
+    },
+    /// What a jailed worker may do.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
+    /// What this kernel can enforce.
+    Sandbox {
+        #[command(subcommand)]
+        action: SandboxAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyAction {
+    /// Print the effective worker sandbox profile of a configuration.
+    Show {
+        /// The configuration file (the embedded default when absent).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SandboxAction {
+    /// Enter the worker jail in a throwaway process and report which layers hold; exits 1 when
+    /// a layer the configuration requires is missing.
+    Check {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -43,6 +78,103 @@ fn main() -> ExitCode {
         Command::Config {
             action: ConfigAction::Check { config, json },
         } => config_check(config, json),
+        Command::Policy {
+            action: PolicyAction::Show { config, json },
+        } => policy_show(config, json),
+        Command::Sandbox {
+            action: SandboxAction::Check { config, json },
+        } => sandbox_check(config, json),
+    }
+}
+
+fn load_config(path: &Option<PathBuf>) -> Result<Config, ExitCode> {
+    let config = match path {
+        Some(p) => Config::load(p),
+        None => Config::embedded(),
+    };
+    config.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn policy_show(path: Option<PathBuf>, json: bool) -> ExitCode {
+    let config = match load_config(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let profile = Profile::worker(&config, ProfileOptions::default());
+    if json {
+        println!("{}", profile.to_json());
+    } else {
+        print!("{}", profile.to_text());
+    }
+    ExitCode::SUCCESS
+}
+
+fn sandbox_check(path: Option<PathBuf>, json: bool) -> ExitCode {
+    let config = match load_config(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let profile = Profile::worker(&config, ProfileOptions::default());
+    let abi = rampart_sandbox::landlock_abi();
+    // Try the best this kernel can do, then judge it against what the configuration requires.
+    let mut trial_profile = profile.clone();
+    trial_profile.landlock.required = false;
+    let trial = rampart_sandbox::probe::trial(&trial_profile);
+    let mut missing = Vec::new();
+    match &trial {
+        Ok(report) => {
+            if profile.landlock.required && report.landlock_status != rampart_sandbox::LandlockStatus::FullyEnforced {
+                missing.push(format!(
+                    "landlock is required (require_landlock = true) but only {} (kernel ABI {abi})",
+                    report.landlock_status.as_str()
+                ));
+            }
+        }
+        Err(e) => missing.push(format!("the jail cannot be entered: {e}")),
+    }
+    if json {
+        let value = serde_json::json!({
+            "landlock_abi": abi,
+            "report": trial.as_ref().ok(),
+            "missing": missing,
+        });
+        println!("{value}");
+    } else if let Ok(r) = &trial {
+        println!(
+            "landlock:     ABI {abi}, {}",
+            r.landlock_status.as_str().replace('_', " ")
+        );
+        println!(
+            "seccomp:      {}, {} system calls, {} BPF instructions",
+            r.seccomp_mode, r.seccomp_rules, r.seccomp_instructions
+        );
+        if r.privileged_start {
+            println!(
+                "privileges:   dropped to uid {} gid {}; capabilities eff {:x} prm {:x} bnd {:x} amb {:x}",
+                r.uid, r.gid, r.cap_effective, r.cap_permitted, r.cap_bounding, r.cap_ambient
+            );
+        } else {
+            println!("privileges:   started unprivileged (uid {}): nothing to drop", r.uid);
+        }
+        println!(
+            "process:      no_new_privs {}, dumpable {}",
+            if r.no_new_privs { "on" } else { "OFF" },
+            if r.dumpable { "YES" } else { "no" }
+        );
+        for note in &r.notes {
+            println!("note:         {note}");
+        }
+    }
+    for m in &missing {
+        eprintln!("missing: {m}");
+    }
+    if missing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

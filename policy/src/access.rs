@@ -1,0 +1,1 @@
+//! Control-plane access policy: who may send which command-socket requests.
