@@ -175,6 +175,8 @@ pub struct Config {
     #[serde(default)]
     pub sandbox: SandboxConfig,
     #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
     pub listeners: Vec<Spanned<ListenerConfig>>,
     #[serde(default)]
     pub clusters: BTreeMap<String, Spanned<ClusterConfig>>,
@@ -214,7 +216,42 @@ pub struct SandboxConfig {
     pub require_landlock: bool,
     /// Let workers connect to any TCP port instead of only the configured backends' ports.
     pub connect_any_port: bool,
+    /// More ports workers may connect to, for backends added at runtime: landlock rules are
+    /// fixed when a worker starts, so a backend on a port outside this list and the file's
+    /// backends is refused until the workers restart with a configuration that names it.
+    pub backend_ports: Vec<u16>,
     pub seccomp_action: SeccompAction,
+}
+
+/// How the audit trail is protected beyond its hash chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Ed25519 seed file (`rampart audit keygen`) that signs checkpoints; none: unsigned.
+    pub signing_key: Option<PathBuf>,
+    /// HMAC key state file (`rampart audit keygen --hmac`); none: records carry no MAC.
+    pub hmac_key: Option<PathBuf>,
+    /// Records per HMAC epoch (the key evolves and the old one is erased).
+    pub epoch_records: u64,
+    /// A checkpoint after this many records.
+    pub checkpoint_every: u64,
+    /// A checkpoint after this many seconds with records written.
+    pub checkpoint_interval: u64,
+    /// Mirror every record to this syslog socket (e.g. "/dev/log"); none: no mirror.
+    pub syslog_socket: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            signing_key: None,
+            hmac_key: None,
+            epoch_records: 1000,
+            checkpoint_every: 1000,
+            checkpoint_interval: 300,
+            syslog_socket: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

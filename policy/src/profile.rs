@@ -10,7 +10,7 @@
 //! (`iptables -A OUTPUT -m owner --uid-owner rampart-worker ! -d BACKENDS -j REJECT`) to close
 //! the second gap.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use rampart_command::config::{Config, SeccompAction};
 
@@ -105,7 +105,7 @@ pub struct LandlockRules {
     pub required: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConnectRule {
     Ports(Vec<u16>),
@@ -326,19 +326,56 @@ pub struct ProfileOptions {
     pub sandbox_off: bool,
 }
 
-impl Profile {
-    /// The worker profile for a configuration.
-    pub fn worker(config: &Config, options: ProfileOptions) -> Profile {
+/// The few values a worker's profile depends on. The supervisor hands them to a new worker on
+/// its command line, so that the worker can build its profile and enter its jail before it reads
+/// a single byte from its channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerJailParams {
+    pub user: String,
+    pub group: String,
+    pub max_connections: u32,
+    pub connect: ConnectRule,
+    pub require_landlock: bool,
+    pub seccomp_log: bool,
+    pub sandbox_off: bool,
+}
+
+impl WorkerJailParams {
+    pub fn from_config(config: &Config, options: ProfileOptions) -> WorkerJailParams {
         let connect = if config.sandbox.connect_any_port {
             ConnectRule::AnyPort
         } else {
-            ConnectRule::Ports(config.backend_ports())
+            let mut ports = config.backend_ports();
+            ports.extend(config.sandbox.backend_ports.iter().copied());
+            ports.sort_unstable();
+            ports.dedup();
+            ConnectRule::Ports(ports)
         };
-        // Two sockets per connection, plus the channel, listeners and stdio.
-        let nofile = u64::from(config.max_connections).saturating_mul(2).saturating_add(256);
-        Profile {
+        WorkerJailParams {
             user: config.worker_user.clone(),
             group: config.worker_group.clone(),
+            max_connections: config.max_connections,
+            connect,
+            require_landlock: config.sandbox.require_landlock,
+            seccomp_log: config.sandbox.seccomp_action == SeccompAction::Log,
+            sandbox_off: options.sandbox_off,
+        }
+    }
+}
+
+impl Profile {
+    /// The worker profile for a configuration.
+    pub fn worker(config: &Config, options: ProfileOptions) -> Profile {
+        Profile::from_params(&WorkerJailParams::from_config(config, options))
+    }
+
+    /// The worker profile for the values the supervisor passed.
+    pub fn from_params(params: &WorkerJailParams) -> Profile {
+        // Two sockets per connection, plus the channel, listeners and stdio.
+        let nofile = u64::from(params.max_connections).saturating_mul(2).saturating_add(256);
+        Profile {
+            user: params.user.clone(),
+            group: params.group.clone(),
             rlimits: vec![
                 Rlimit {
                     resource: Resource::Core,
@@ -359,19 +396,20 @@ impl Profile {
             landlock: LandlockRules {
                 filesystem: "every access right handled, none granted: no file can be opened, created or executed",
                 tcp_bind: "handled, no port granted: no socket can be bound",
-                tcp_connect: connect,
+                tcp_connect: params.connect.clone(),
                 scopes: &["abstract unix sockets", "signals"],
-                required: config.sandbox.require_landlock,
+                required: params.require_landlock,
             },
-            default_action: match config.sandbox.seccomp_action {
-                SeccompAction::Kill => DefaultAction::KillProcess,
-                SeccompAction::Log => DefaultAction::Log,
+            default_action: if params.seccomp_log {
+                DefaultAction::Log
+            } else {
+                DefaultAction::KillProcess
             },
             syscalls: worker_syscalls(),
             layers: Layers {
-                privileges: !options.sandbox_off,
-                landlock: !options.sandbox_off,
-                seccomp: !options.sandbox_off,
+                privileges: !params.sandbox_off,
+                landlock: !params.sandbox_off,
+                seccomp: !params.sandbox_off,
             },
         }
     }

@@ -1,5 +1,10 @@
 //! `rampart`: the supervisor, the worker entry point, and the command-line client, in one binary.
 
+mod audit;
+mod client;
+mod log;
+mod server;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -7,17 +12,47 @@ use clap::{Parser, Subcommand};
 use rampart_command::config::Config;
 use rampart_policy::profile::{Profile, ProfileOptions};
 
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("RAMPART_GIT_REVISION"), ")");
+pub(crate) const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("RAMPART_GIT_REVISION"), ")");
 
 #[derive(Parser)]
 #[command(name = "rampart", version = VERSION, about = "A reverse proxy whose workers run jailed")]
 struct Cli {
+    /// The configuration file (the embedded default when absent); clients find the command
+    /// socket in it.
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+    /// The command socket (overrides the configuration's `command_socket`).
+    #[arg(short = 's', long, global = true)]
+    socket: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start the supervisor and its workers.
+    Start {
+        /// Run the workers WITHOUT their jail, to measure what the jail costs. Refused when the
+        /// configuration requires landlock.
+        #[arg(long)]
+        sandbox_off: bool,
+    },
+    /// A worker process (started by the supervisor, never by hand).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        channel_fd: i32,
+        #[arg(long)]
+        launch: String,
+    },
+    /// The audit trail: verify, show, export, keygen.
+    Audit {
+        #[command(subcommand)]
+        command: rampart_audit::cli::AuditCommand,
+    },
     /// Validate a configuration file.
     Config {
         #[command(subcommand)]
@@ -28,6 +63,8 @@ enum Command {
         #[command(subcommand)]
         action: PolicyAction,
     },
+    #[command(flatten)]
+    Client(client::ClientCommand),
     /// What this kernel can enforce.
     Sandbox {
         #[command(subcommand)]
@@ -38,53 +75,76 @@ enum Command {
 #[derive(Subcommand)]
 enum PolicyAction {
     /// Print the effective worker sandbox profile of a configuration.
-    Show {
-        /// The configuration file (the embedded default when absent).
-        #[arg(short, long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
+    Show,
 }
 
 #[derive(Subcommand)]
 enum SandboxAction {
     /// Enter the worker jail in a throwaway process and report which layers hold; exits 1 when
     /// a layer the configuration requires is missing.
-    Check {
-        #[arg(short, long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
+    Check,
 }
 
 #[derive(Subcommand)]
 enum ConfigAction {
     /// Validate a configuration file: print its first error with file and line, or a summary.
-    Check {
-        /// The configuration file (the embedded default when absent).
-        #[arg(short, long)]
-        config: Option<PathBuf>,
-        /// Print the summary as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Check,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let (config, json) = (cli.config, cli.json);
     match cli.command {
+        Command::Start { sandbox_off } => start(config, sandbox_off),
+        Command::Worker { channel_fd, launch } => worker(channel_fd, &launch),
+        Command::Audit { command } => rampart_audit::cli::run(command),
         Command::Config {
-            action: ConfigAction::Check { config, json },
+            action: ConfigAction::Check,
         } => config_check(config, json),
         Command::Policy {
-            action: PolicyAction::Show { config, json },
+            action: PolicyAction::Show,
         } => policy_show(config, json),
         Command::Sandbox {
-            action: SandboxAction::Check { config, json },
+            action: SandboxAction::Check,
         } => sandbox_check(config, json),
+        Command::Client(command) => {
+            let socket = match cli.socket {
+                Some(s) => s,
+                None => match load_config(&config) {
+                    Ok(c) => c.command_socket,
+                    Err(code) => return code,
+                },
+            };
+            client::run(command, &socket, json)
+        }
     }
+}
+
+fn start(path: Option<PathBuf>, sandbox_off: bool) -> ExitCode {
+    let config = match load_config(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let log = log::Log::new(&config.log_target, &config.log_level);
+    let mut supervisor = match server::Supervisor::start(config, sandbox_off, log) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    ExitCode::from(u8::try_from(supervisor.run()).unwrap_or(1))
+}
+
+fn worker(channel_fd: i32, launch: &str) -> ExitCode {
+    let launch: rampart_worker::WorkerLaunch = match serde_json::from_str(launch) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("rampart worker: bad launch parameters: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    ExitCode::from(u8::try_from(rampart_worker::run(channel_fd, launch)).unwrap_or(1))
 }
 
 fn load_config(path: &Option<PathBuf>) -> Result<Config, ExitCode> {

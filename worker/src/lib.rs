@@ -1,3 +1,605 @@
 //! The worker: a single-threaded event loop proxying client connections to backends, entered
-//! only after the jail holds. It receives everything it needs over its channel and never opens
-//! a file, binds a port or talks to the audit trail.
+//! only after the jail holds.
+//!
+//! `run` is the worker's whole life, and its first lines are the jail: the worker builds its
+//! sandbox profile from the values on its command line, creates what it will need (the event
+//! loop, BoringSSL's one-time state) and enters the jail before it reads a single byte from its
+//! channel. From then on everything arrives over the channel: the configuration as the same
+//! validated requests the supervisor applied, and listening sockets as descriptors.
+//!
+//! The worker never opens a file, binds a port or talks to the audit trail; it never panics on
+//! a peer's bytes (a panic is a bug and ends in SIGABRT).
+
+pub mod answers;
+pub mod balancer;
+pub mod http;
+pub mod pool;
+pub mod router;
+pub mod tcp;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use rampart_command::channel::{Channel, ChannelError};
+use rampart_command::proto::{self, ChannelMessage, channel_message::Kind, request::Kind as RequestKind};
+use rampart_command::state::{State, is_state_change};
+use rampart_policy::profile::{Profile, WorkerJailParams};
+use rampart_sandbox::{Jail, JailSetup};
+use serde::{Deserialize, Serialize};
+use slab::Slab;
+
+use crate::balancer::{Balancers, Rng};
+use crate::http::{Context, HttpSession, Status};
+use crate::pool::Pool;
+use crate::router::Router;
+use crate::tcp::TcpSession;
+
+/// The descriptor number of the channel in a worker.
+pub const CHANNEL_FD: RawFd = 3;
+
+/// What the supervisor passes on a worker's command line (as JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerLaunch {
+    pub id: u32,
+    pub jail: WorkerJailParams,
+    pub buffer_size: u32,
+    pub max_connections: u32,
+    /// Seconds.
+    pub client_idle_timeout: u32,
+    pub request_timeout: u32,
+    pub backend_connect_timeout: u32,
+    pub backend_response_timeout: u32,
+    pub shutdown_grace: u32,
+}
+
+/// Global timeouts.
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub client_idle: Duration,
+    pub request: Duration,
+    pub backend_connect: Duration,
+    pub backend_response: Duration,
+}
+
+/// A listener's own timeouts, when set.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerTimeouts {
+    pub client_idle: Option<Duration>,
+    pub request: Option<Duration>,
+    pub backend_connect: Option<Duration>,
+    pub backend_response: Option<Duration>,
+}
+
+/// What a session needs to know about its listener.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerInfo {
+    pub address: String,
+    pub port: u16,
+    pub https: bool,
+    /// `by=` of the Forwarded header: the public address, or the listener's.
+    pub by: String,
+    pub answers: BTreeMap<String, String>,
+    pub timeouts: ListenerTimeouts,
+}
+
+fn ms(v: u32) -> Option<Duration> {
+    (v > 0).then(|| Duration::from_millis(u64::from(v)))
+}
+
+impl ListenerInfo {
+    fn from_proto(l: &proto::Listener) -> ListenerInfo {
+        let port = l.address.parse::<SocketAddr>().map(|a| a.port()).unwrap_or(0);
+        let by = if l.public_address.is_empty() {
+            l.address.clone()
+        } else {
+            l.public_address.clone()
+        };
+        let by = if by.contains('[') || by.contains(':') {
+            format!("\"{by}\"")
+        } else {
+            by
+        };
+        ListenerInfo {
+            address: l.address.clone(),
+            port,
+            https: l.protocol == proto::Protocol::Https as i32,
+            by,
+            answers: l.answers.clone(),
+            timeouts: ListenerTimeouts {
+                client_idle: ms(l.client_idle_timeout_ms),
+                request: ms(l.request_timeout_ms),
+                backend_connect: ms(l.backend_connect_timeout_ms),
+                backend_response: ms(l.backend_response_timeout_ms),
+            },
+        }
+    }
+}
+
+const CHANNEL: Token = Token(0);
+const LISTENER_BASE: usize = 1;
+const SESSION_BASE: usize = 1 << 16;
+const TIMER_TICK: Duration = Duration::from_millis(250);
+
+enum Session {
+    Http(Box<HttpSession>),
+    Tcp(Box<TcpSession>),
+}
+
+struct ListenerSocket {
+    socket: TcpListener,
+    address: String,
+    registered: bool,
+}
+
+/// Log levels on the channel.
+pub const LOG_ERROR: u32 = 1;
+pub const LOG_WARN: u32 = 2;
+pub const LOG_INFO: u32 = 3;
+
+struct Worker {
+    id: u32,
+    poll: Poll,
+    channel: Channel,
+    state: State,
+    router: Router,
+    balancers: Balancers,
+    rng: Rng,
+    pool: Pool,
+    listeners: Slab<ListenerSocket>,
+    sessions: Slab<Session>,
+    max_connections: usize,
+    accepting_paused: bool,
+    timeouts: Timeouts,
+    stopping: Option<Instant>,
+    shutdown_grace: Duration,
+}
+
+/// The worker's whole life. Returns the process exit code.
+pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
+    rampart_sandbox::install_panic_hook("rampart worker: panic (a bug); aborting\n");
+    // SAFETY: the supervisor placed the channel at this descriptor for this process alone.
+    let channel = Channel::from(unsafe { OwnedFd::from_raw_fd(channel_fd) });
+    let profile = Profile::from_params(&launch.jail);
+    // fcntl(F_SETFL) is not allowed inside the jail: the channel becomes non-blocking now.
+    if channel.set_nonblocking(true).is_err() {
+        return 5;
+    }
+    let mut poll = None;
+    let mut prewarm = || {
+        poll = Some(Poll::new().map_err(|e| format!("creating the event loop: {e}"))?);
+        // BoringSSL's one-time initialisation needs system calls the jail forbids.
+        boring::ssl::SslContext::builder(boring::ssl::SslMethod::tls()).map_err(|e| e.to_string())?;
+        Ok(())
+    };
+    let report = Jail::enter(
+        &profile,
+        JailSetup {
+            keep_fds: &[channel.as_raw_fd()],
+            prewarm: &mut prewarm,
+        },
+    );
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            let line = proto::LogLine {
+                level: LOG_ERROR,
+                target: "jail".into(),
+                message: format!("worker {} could not enter its jail: {e}", launch.id),
+            };
+            let _ = channel.send(
+                &ChannelMessage {
+                    kind: Some(Kind::Log(line)),
+                },
+                &[],
+            );
+            return 3;
+        }
+    };
+    let Some(poll) = poll else { return 3 };
+    let jail = proto::JailReport {
+        uid: report.uid,
+        gid: report.gid,
+        privileged_start: report.privileged_start,
+        cap_effective: report.cap_effective,
+        cap_permitted: report.cap_permitted,
+        cap_bounding: report.cap_bounding,
+        cap_ambient: report.cap_ambient,
+        no_new_privs: report.no_new_privs,
+        landlock_abi: report.landlock_abi,
+        landlock_status: report.landlock_status.as_str().into(),
+        seccomp_mode: report.seccomp_mode.clone(),
+        seccomp_rules: u32::try_from(report.seccomp_rules).unwrap_or(u32::MAX),
+        notes: report.notes.clone(),
+    };
+    if channel
+        .send(
+            &ChannelMessage {
+                kind: Some(Kind::JailReport(jail)),
+            },
+            &[],
+        )
+        .is_err()
+    {
+        return 4;
+    }
+    let max_connections = launch.max_connections.max(1) as usize;
+    let mut worker = Worker {
+        id: launch.id,
+        poll,
+        channel,
+        state: State::new(),
+        router: Router::default(),
+        balancers: Balancers::default(),
+        rng: Rng::new(),
+        pool: Pool::new(launch.buffer_size as usize, max_connections * 2),
+        listeners: Slab::new(),
+        sessions: Slab::with_capacity(max_connections.min(4096)),
+        max_connections,
+        accepting_paused: false,
+        timeouts: Timeouts {
+            client_idle: Duration::from_secs(u64::from(launch.client_idle_timeout)),
+            request: Duration::from_secs(u64::from(launch.request_timeout)),
+            backend_connect: Duration::from_secs(u64::from(launch.backend_connect_timeout)),
+            backend_response: Duration::from_secs(u64::from(launch.backend_response_timeout)),
+        },
+        stopping: None,
+        shutdown_grace: Duration::from_secs(u64::from(launch.shutdown_grace)),
+    };
+    worker.event_loop()
+}
+
+impl Worker {
+    fn log(&self, level: u32, message: String) {
+        let line = proto::LogLine {
+            level,
+            target: format!("worker {}", self.id),
+            message,
+        };
+        let _ = self.channel.send(
+            &ChannelMessage {
+                kind: Some(Kind::Log(line)),
+            },
+            &[],
+        );
+    }
+
+    fn event_loop(&mut self) -> i32 {
+        let fd = self.channel.as_raw_fd();
+        if self
+            .poll
+            .registry()
+            .register(&mut SourceFd(&fd), CHANNEL, Interest::READABLE)
+            .is_err()
+        {
+            return 5;
+        }
+        let mut events = Events::with_capacity(1024);
+        let mut last_tick = Instant::now();
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, Some(TIMER_TICK))
+                && e.kind() != std::io::ErrorKind::Interrupted
+            {
+                self.log(LOG_ERROR, format!("event loop failed: {e}"));
+                return 6;
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                let token = event.token();
+                if token == CHANNEL {
+                    if let Some(code) = self.drain_channel() {
+                        return code;
+                    }
+                } else if token.0 < SESSION_BASE {
+                    self.accept(token.0 - LISTENER_BASE, now);
+                } else {
+                    let key = (token.0 - SESSION_BASE) / 2;
+                    let back = (token.0 - SESSION_BASE) % 2 == 1;
+                    let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                    let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+                    self.session_event(key, back, readable, writable, now);
+                }
+            }
+            if now.duration_since(last_tick) >= TIMER_TICK {
+                last_tick = now;
+                self.expire(now);
+            }
+            if let Some(deadline) = self.stopping
+                && (self.sessions.is_empty() || now >= deadline)
+            {
+                return 0;
+            }
+        }
+    }
+
+    fn context(&mut self, now: Instant) -> (Context<'_>, &mut Slab<Session>) {
+        (
+            Context {
+                registry: self.poll.registry(),
+                router: &self.router,
+                balancers: &mut self.balancers,
+                rng: &mut self.rng,
+                now,
+                timeouts: &self.timeouts,
+            },
+            &mut self.sessions,
+        )
+    }
+
+    fn session_event(&mut self, key: usize, back: bool, readable: bool, writable: bool, now: Instant) {
+        let (mut ctx, sessions) = self.context(now);
+        let Some(session) = sessions.get_mut(key) else { return };
+        let status = match session {
+            Session::Http(s) => {
+                if back {
+                    s.back_event(readable, writable);
+                } else {
+                    s.front_event(readable, writable);
+                }
+                s.run(&mut ctx)
+            }
+            Session::Tcp(s) => s.run(&mut ctx),
+        };
+        if status == Status::Close {
+            self.remove_session(key, now);
+        }
+    }
+
+    fn remove_session(&mut self, key: usize, now: Instant) {
+        let (mut ctx, sessions) = self.context(now);
+        if let Some(session) = sessions.try_remove(key) {
+            match session {
+                Session::Http(mut s) => s.close(&mut ctx),
+                Session::Tcp(mut s) => s.close(&mut ctx),
+            }
+        }
+        if self.accepting_paused && self.sessions.len() < self.max_connections && self.stopping.is_none() {
+            self.accepting_paused = false;
+            self.sync_listeners();
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let expired: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| match s {
+                Session::Http(s) => now >= s.deadline,
+                Session::Tcp(s) => now >= s.deadline,
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in expired {
+            let (mut ctx, sessions) = self.context(now);
+            let status = match sessions.get_mut(key) {
+                Some(Session::Http(s)) => s.timeout(&mut ctx),
+                Some(Session::Tcp(_)) => Status::Close,
+                None => continue,
+            };
+            if status == Status::Close {
+                self.remove_session(key, now);
+            }
+        }
+    }
+
+    fn accept(&mut self, index: usize, now: Instant) {
+        loop {
+            if self.sessions.len() >= self.max_connections {
+                // Leave further connections in the kernel's queue until a slot frees.
+                self.accepting_paused = true;
+                self.sync_listeners();
+                return;
+            }
+            let Some(entry) = self.listeners.get(index) else { return };
+            let (mut stream, peer) = match entry.socket.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.log(LOG_WARN, format!("accept on {} failed: {e}", entry.address));
+                    return;
+                }
+            };
+            let address = entry.address.clone();
+            let Some(info) = self.state.listeners().get(&address).map(ListenerInfo::from_proto) else {
+                continue;
+            };
+            let protocol = self
+                .state
+                .listeners()
+                .get(&address)
+                .map(|l| l.protocol)
+                .unwrap_or_default();
+            let (Some(a), Some(b)) = (self.pool.checkout(), self.pool.checkout()) else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let entry = self.sessions.vacant_entry();
+            let key = entry.key();
+            let front_token = Token(SESSION_BASE + key * 2);
+            let back_token = Token(SESSION_BASE + key * 2 + 1);
+            if self
+                .poll
+                .registry()
+                .register(&mut stream, front_token, Interest::READABLE | Interest::WRITABLE)
+                .is_err()
+            {
+                continue;
+            }
+            if protocol == proto::Protocol::Tcp as i32 {
+                let Some(cluster) = self.router.tcp_cluster(&address).map(str::to_string) else {
+                    let _ = self.poll.registry().deregister(&mut stream);
+                    continue;
+                };
+                let mut ctx = Context {
+                    registry: self.poll.registry(),
+                    router: &self.router,
+                    balancers: &mut self.balancers,
+                    rng: &mut self.rng,
+                    now,
+                    timeouts: &self.timeouts,
+                };
+                if let Some(session) = TcpSession::open(stream, &cluster, back_token, a, b, &mut ctx) {
+                    self.sessions.insert(Session::Tcp(Box::new(session)));
+                }
+                continue;
+            }
+            let session = HttpSession::new(stream, peer, info, back_token, a, b, now, &self.timeouts);
+            entry.insert(Session::Http(Box::new(session)));
+            self.session_event(key, false, true, true, now);
+        }
+    }
+
+    /// Registers the listeners the state says are active (and not paused), deregisters others.
+    fn sync_listeners(&mut self) {
+        let accepting = !self.accepting_paused && self.stopping.is_none();
+        for (index, entry) in &mut self.listeners {
+            let active = accepting && self.state.listeners().get(&entry.address).is_some_and(|l| l.active);
+            let token = Token(LISTENER_BASE + index);
+            if active && !entry.registered {
+                entry.registered = self
+                    .poll
+                    .registry()
+                    .register(&mut entry.socket, token, Interest::READABLE)
+                    .is_ok();
+            } else if !active && entry.registered {
+                let _ = self.poll.registry().deregister(&mut entry.socket);
+                entry.registered = false;
+            }
+        }
+    }
+
+    /// Handles every message waiting on the channel. Returns an exit code when the worker must end.
+    fn drain_channel(&mut self) -> Option<i32> {
+        loop {
+            let received = match self.channel.recv() {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    // The supervisor is gone: so are we (PDEATHSIG would follow anyway).
+                    return Some(0);
+                }
+                Err(ChannelError::Receive(nix_errno)) if nix_errno as i32 == libc::EAGAIN => return None,
+                Err(e) => {
+                    self.log(LOG_ERROR, format!("bad message from the supervisor: {e}"));
+                    return None;
+                }
+            };
+            match received.message.kind {
+                Some(Kind::Listener(handoff)) => {
+                    let Some(fd) = received.fds.into_iter().next() else {
+                        continue;
+                    };
+                    let socket = TcpListener::from_std(std::net::TcpListener::from(fd));
+                    let address =
+                        rampart_command::state::canonical_address(&handoff.address).unwrap_or(handoff.address);
+                    self.listeners.retain(|_, l| l.address != address);
+                    self.listeners.insert(ListenerSocket {
+                        socket,
+                        address,
+                        registered: false,
+                    });
+                    self.sync_listeners();
+                }
+                Some(Kind::Order(order)) => {
+                    if let Some(code) = self.order(order) {
+                        return Some(code);
+                    }
+                }
+                _ => self.log(LOG_WARN, "unexpected message kind from the supervisor".into()),
+            }
+        }
+    }
+
+    fn reply(&self, sequence: u64, ok: bool, message: String) {
+        let reply = proto::WorkerReply {
+            sequence,
+            status: if ok {
+                proto::ResponseStatus::Ok
+            } else {
+                proto::ResponseStatus::Failure
+            } as i32,
+            message,
+            response: None,
+        };
+        let _ = self.channel.send(
+            &ChannelMessage {
+                kind: Some(Kind::Reply(reply)),
+            },
+            &[],
+        );
+    }
+
+    fn order(&mut self, order: proto::WorkerOrder) -> Option<i32> {
+        let Some(request) = order.request else {
+            self.reply(order.sequence, false, "order without a request".into());
+            return None;
+        };
+        if is_state_change(&request) {
+            match self.state.apply(&request) {
+                Ok(change) => {
+                    self.router = Router::from_state(&self.state);
+                    self.balancers.update(&self.state);
+                    // Listeners the state no longer has are closed (the supervisor keeps its copy).
+                    let known: Vec<usize> = self
+                        .listeners
+                        .iter()
+                        .filter(|(_, l)| !self.state.listeners().contains_key(&l.address))
+                        .map(|(k, _)| k)
+                        .collect();
+                    for k in known {
+                        if let Some(mut l) = self.listeners.try_remove(k) {
+                            let _ = self.poll.registry().deregister(&mut l.socket);
+                        }
+                    }
+                    self.sync_listeners();
+                    self.reply(order.sequence, true, change.to_string());
+                }
+                Err(e) => self.reply(order.sequence, false, e.to_string()),
+            }
+            return None;
+        }
+        match request.kind {
+            Some(RequestKind::SoftStop(_)) => {
+                self.stopping = Some(Instant::now() + self.shutdown_grace);
+                self.sync_listeners();
+                self.reply(
+                    order.sequence,
+                    true,
+                    format!("draining {} connection(s)", self.sessions.len()),
+                );
+                None
+            }
+            Some(RequestKind::HardStop(_)) => {
+                self.reply(order.sequence, true, "stopping now".into());
+                Some(0)
+            }
+            Some(RequestKind::Status(_)) => {
+                self.reply(
+                    order.sequence,
+                    true,
+                    format!(
+                        "{} connection(s), {} buffer(s) in use",
+                        self.sessions.len(),
+                        self.pool.outstanding()
+                    ),
+                );
+                None
+            }
+            _ => {
+                self.reply(
+                    order.sequence,
+                    false,
+                    format!(
+                        "workers do not handle `{}`",
+                        rampart_command::request_kind_name(&request)
+                    ),
+                );
+                None
+            }
+        }
+    }
+}

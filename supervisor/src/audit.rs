@@ -1,0 +1,202 @@
+//! The supervisor's door: who may send what (the access policy and per-uid rate limits), and
+//! the audit trail every request and every lifecycle event goes into.
+//!
+//! Order for a request: authorize (and rate-limit) → `received` written and flushed → apply →
+//! `completed`. If the `received` record cannot be written, the request fails and nothing
+//! changes (fail-closed). Denied and malformed requests are recorded too, malformed frames by
+//! size and hash only.
+
+use std::time::{Duration, Instant};
+
+use rampart_audit::syslog::SyslogOptions;
+use rampart_audit::{Actor, AuditEvent, AuditLog, AuditOptions, Outcome};
+use rampart_command::config::Config;
+use rampart_command::proto;
+use rampart_command::state::State;
+use rampart_policy::access::{AccessPolicy, Decision, Peer, RateLimiter, RequestClass};
+use sha2::{Digest, Sha256};
+
+pub struct Auditor {
+    /// None once closed at shutdown.
+    log: Option<AuditLog>,
+    policy: AccessPolicy,
+    limiter: RateLimiter,
+}
+
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        })
+        .unwrap_or_default()
+}
+
+/// A peer as SO_PEERCRED gave it, with its supplementary groups.
+pub fn peer(uid: u32, gid: u32, pid: i32) -> Peer {
+    Peer {
+        uid,
+        gid,
+        pid,
+        groups: supplementary_groups(pid),
+    }
+}
+
+impl Auditor {
+    pub fn open(config: &Config) -> Result<Auditor, String> {
+        if let Some(dir) = config.audit_log.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let options = AuditOptions {
+            signing_key: config.audit.signing_key.clone(),
+            checkpoint_every: (config.audit.checkpoint_every > 0).then_some(config.audit.checkpoint_every),
+            checkpoint_interval: (config.audit.checkpoint_interval > 0)
+                .then(|| Duration::from_secs(config.audit.checkpoint_interval)),
+            hmac_key: config.audit.hmac_key.clone(),
+            epoch_records: config.audit.epoch_records.max(1),
+            syslog: config.audit.syslog_socket.as_ref().map(|socket| SyslogOptions {
+                socket: socket.clone(),
+                ..SyslogOptions::default()
+            }),
+        };
+        let log = AuditLog::open(&config.audit_log, options).map_err(|e| e.to_string())?;
+        let own_uid = nix::unistd::Uid::current().as_raw();
+        let policy = match &config.access_policy {
+            Some(path) => AccessPolicy::load(path).map_err(|e| e.to_string())?,
+            None => AccessPolicy::default_for(own_uid),
+        }
+        .with_state_dir(&config.state_dir);
+        Ok(Auditor {
+            log: Some(log),
+            policy,
+            limiter: RateLimiter::new(),
+        })
+    }
+
+    fn append(&mut self, event: AuditEvent) -> Result<rampart_audit::Appended, String> {
+        match &mut self.log {
+            Some(log) => log.append(event).map_err(|e| e.to_string()),
+            None => Err("the audit log is closed".into()),
+        }
+    }
+
+    fn actor(&self, peer: &Peer) -> Actor {
+        let role = self.policy.role_of(peer).map(|r| r.name());
+        Actor::resolve(peer.uid, peer.gid, peer.pid, role)
+    }
+
+    /// A new command connection: refused when the uid has too many open already.
+    pub fn connection_opened(&mut self, peer: &Peer) -> Result<(), String> {
+        let limits = self.policy.limits_for(peer);
+        self.limiter
+            .acquire_connection(peer.uid, &limits, Instant::now())
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn connection_closed(&mut self, peer: &Peer) {
+        self.limiter.release_connection(peer.uid);
+    }
+
+    /// The idle timeout of a peer's connections.
+    pub fn idle_timeout(&self, peer: &Peer) -> Duration {
+        self.policy.limits_for(peer).idle_timeout
+    }
+
+    /// May `peer` send `request` now? A refusal is audited and its reason returned.
+    pub fn authorize(&mut self, peer: &Peer, request: &proto::Request, state: &State) -> Result<(), String> {
+        let refusal = match self.policy.authorize(peer, request, state) {
+            Decision::Deny { reason, .. } => Some(("forbidden", format!("permission denied: {reason}"))),
+            Decision::Allow { .. } => {
+                let limits = self.policy.limits_for(peer);
+                let class = RequestClass::of(request);
+                self.limiter
+                    .check_request(peer.uid, &limits, class, Instant::now())
+                    .err()
+                    .map(|e| ("rate_limited", e.to_string()))
+            }
+        };
+        match refusal {
+            None => Ok(()),
+            Some((code, reason)) => {
+                let event = AuditEvent::denied(self.actor(peer), request, code, &reason);
+                let _ = self.append(event);
+                Err(reason)
+            }
+        }
+    }
+
+    /// Records a refusal decided after authorization (e.g. a port the workers cannot reach).
+    pub fn denied(&mut self, peer: &Peer, request: &proto::Request, code: &str, reason: &str) {
+        let event = AuditEvent::denied(self.actor(peer), request, code, reason);
+        let _ = self.append(event);
+    }
+
+    /// Writes and flushes the `received` record; an error means the request must not proceed.
+    pub fn received(&mut self, peer: &Peer, request: &proto::Request, state: &State) -> Result<u64, String> {
+        let event = AuditEvent::received(self.actor(peer), request, Some(state.hash_hex()));
+        self.append(event).map(|a| a.seq)
+    }
+
+    pub fn completed(
+        &mut self,
+        peer: &Peer,
+        request: &proto::Request,
+        received_seq: u64,
+        result: Result<&str, &str>,
+        before: &str,
+        state: &State,
+    ) {
+        let outcome = match result {
+            Ok(message) => Outcome::ok(message),
+            Err(message) => Outcome::error("invalid", message),
+        };
+        let event = AuditEvent::completed(
+            self.actor(peer),
+            request,
+            received_seq,
+            outcome,
+            Some(before.to_string()),
+            Some(state.hash_hex()),
+        );
+        let _ = self.append(event);
+    }
+
+    /// A frame that did not decode: recorded by size and hash, never by content.
+    pub fn malformed(&mut self, peer: &Peer, body: &[u8], error: &str) {
+        let digest = hex::encode(Sha256::digest(body));
+        let text = format!("{error} ({} bytes, sha256 {digest})", body.len());
+        let event = AuditEvent::malformed(self.actor(peer), &text);
+        let _ = self.append(event);
+    }
+
+    /// Something the supervisor did on its own.
+    pub fn system(&mut self, action: &str, message: &str) {
+        let _ = self.append(AuditEvent::system(action, Outcome::ok(message)));
+    }
+
+    /// Writes a time-based checkpoint when one is due.
+    pub fn tick(&mut self) {
+        if let Some(log) = &mut self.log {
+            let _ = log.checkpoint_if_due(Instant::now());
+        }
+    }
+
+    pub fn policy_text(&self) -> String {
+        self.policy.to_text()
+    }
+
+    pub fn state_path(&self, requested: &str) -> Result<std::path::PathBuf, String> {
+        self.policy.state_path(requested).map_err(|e| e.to_string())
+    }
+
+    /// Closes the log with a final checkpoint.
+    pub fn close(&mut self) {
+        if let Some(log) = self.log.take() {
+            let _ = log.close();
+        }
+    }
+}

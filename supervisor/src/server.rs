@@ -1,0 +1,1375 @@
+//! The supervisor: the one privileged process.
+//!
+//! It binds every listening socket (one SO_REUSEPORT socket per listener and worker slot, kept
+//! for the supervisor's whole life so that a respawned worker gets the same accept queue),
+//! creates the command socket (mode 0600 from the start), spawns the jailed workers and then
+//! runs one mio loop over: the command socket and its clients, each worker's channel and stderr,
+//! and signals (signalfd). It holds the authoritative state: a request is validated and applied
+//! here first, then sent to every worker, and answered when every worker acknowledged it.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use mio::net::{UnixListener, UnixStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use rampart_command::channel::{Channel, ChannelError};
+use rampart_command::config::Config;
+use rampart_command::framing::{FrameError, FrameReader, decode_request, encode_frame};
+use rampart_command::proto::{self, ChannelMessage, channel_message::Kind as ChannelKind, request::Kind};
+use rampart_command::state::{State, is_state_change};
+use rampart_policy::profile::{ConnectRule, Profile, ProfileOptions, WorkerJailParams};
+use rampart_worker::{CHANNEL_FD, WorkerLaunch};
+
+use crate::audit::Auditor;
+use crate::log::Log;
+
+const COMMAND: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const WORKER_BASE: usize = 100;
+const CLIENT_BASE: usize = 100_000;
+/// How long a request waits for every worker's acknowledgement.
+const WORKER_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] rampart_command::config::ConfigError),
+    #[error("cannot bind listener {address}: {source}")]
+    Bind { address: String, source: nix::Error },
+    #[error("cannot create the command socket {}: {source}", path.display())]
+    CommandSocket { path: PathBuf, source: io::Error },
+    #[error("another rampart is already listening on {}", .0.display())]
+    AlreadyRunning(PathBuf),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(nix::Error),
+    #[error("cannot create the event loop: {0}")]
+    Poll(io::Error),
+    #[error("cannot open the rampart binary through /proc/self/exe: {0}")]
+    SelfExe(io::Error),
+    #[error("--sandbox-off is refused: the configuration requires the sandbox (sandbox.require_landlock = true)")]
+    SandboxRequired,
+    #[error("the audit log cannot be opened: {0}")]
+    Audit(String),
+    #[error("cannot create {}: {source}", path.display())]
+    Directory { path: PathBuf, source: io::Error },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    Starting,
+    Running,
+    Stopping,
+    Dead,
+}
+
+impl RunState {
+    fn name(self) -> &'static str {
+        match self {
+            RunState::Starting => "starting",
+            RunState::Running => "running",
+            RunState::Stopping => "stopping",
+            RunState::Dead => "dead",
+        }
+    }
+}
+
+struct WorkerSlot {
+    id: u32,
+    pid: Option<Pid>,
+    channel: Option<Channel>,
+    stderr: Option<std::fs::File>,
+    stderr_buf: Vec<u8>,
+    outbox: VecDeque<(ChannelMessage, Option<RawFd>)>,
+    run_state: RunState,
+    jail: Option<proto::JailReport>,
+    started: Instant,
+    respawn_at: Option<Instant>,
+    backoff: Duration,
+}
+
+use rampart_policy::access::Peer;
+
+struct Client {
+    stream: UnixStream,
+    peer: Peer,
+    reader: FrameReader,
+    out: Vec<u8>,
+    closing: bool,
+    last_active: Instant,
+    idle_timeout: Duration,
+}
+
+struct Pending {
+    client: usize,
+    request_id: String,
+    waiting: HashSet<u32>,
+    deadline: Instant,
+    message: String,
+    failures: Vec<String>,
+}
+
+pub struct Supervisor {
+    config: Config,
+    state: State,
+    poll: Poll,
+    command: UnixListener,
+    command_path: PathBuf,
+    signals: SignalFd,
+    self_exe: OwnedFd,
+    launch: WorkerLaunch,
+    worker_uid: Option<u32>,
+    workers: Vec<WorkerSlot>,
+    /// Listening sockets by address, one per worker slot.
+    listeners: BTreeMap<String, Vec<OwnedFd>>,
+    clients: slab::Slab<Client>,
+    pending: HashMap<u64, Pending>,
+    next_sequence: u64,
+    log: Log,
+    audit: Auditor,
+    stop_deadline: Option<Instant>,
+    /// Listeners bound by the last change, to hand to the workers once they have the change.
+    fresh_listeners: Vec<String>,
+}
+
+fn bind_listener(address: &str) -> Result<OwnedFd, StartError> {
+    let bind_error = |source| StartError::Bind {
+        address: address.to_string(),
+        source,
+    };
+    let addr: std::net::SocketAddr = address.parse().map_err(|_| bind_error(nix::Error::EINVAL))?;
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(bind_error)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(bind_error)?;
+    socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(bind_error)?;
+    if addr.is_ipv6() {
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(bind_error)?;
+    }
+    let storage = SockaddrStorage::from(addr);
+    socket::bind(fd.as_raw_fd(), &storage).map_err(bind_error)?;
+    socket::listen(&fd, socket::Backlog::new(1024).unwrap_or(socket::Backlog::MAXCONN)).map_err(bind_error)?;
+    Ok(fd)
+}
+
+/// Creates the command socket with mode 0600 from the first instant (umask during bind). With
+/// an access policy file, other users must be able to connect (the policy decides what they
+/// may do), so the socket is then made 0666 once bound.
+fn command_socket(path: &Path, open_to_all: bool) -> Result<UnixListener, StartError> {
+    let err = |source| StartError::CommandSocket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(StartError::AlreadyRunning(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(err)?;
+    if open_to_all {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
+    }
+    Ok(listener)
+}
+
+fn signal_name(signal: Signal) -> String {
+    match signal {
+        Signal::SIGSYS => "SIGSYS (sandbox violation: a forbidden system call)".into(),
+        Signal::SIGABRT => "SIGABRT (panic or abort)".into(),
+        Signal::SIGKILL => "SIGKILL".into(),
+        Signal::SIGSEGV => "SIGSEGV (memory fault)".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+impl Supervisor {
+    pub fn start(config: Config, sandbox_off: bool, log: Log) -> Result<Supervisor, StartError> {
+        if sandbox_off && config.sandbox.require_landlock {
+            return Err(StartError::SandboxRequired);
+        }
+        let state = config.to_state()?;
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::Directory {
+            path: config.state_dir.clone(),
+            source,
+        })?;
+        let audit = Auditor::open(&config).map_err(StartError::Audit)?;
+        let self_exe = std::fs::File::open("/proc/self/exe").map_err(StartError::SelfExe)?;
+        let mut mask = SigSet::empty();
+        for s in [
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGQUIT,
+            Signal::SIGHUP,
+            Signal::SIGCHLD,
+            Signal::SIGPIPE,
+        ] {
+            mask.add(s);
+        }
+        mask.thread_block().map_err(StartError::Signals)?;
+        let signals =
+            SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).map_err(StartError::Signals)?;
+        let poll = Poll::new().map_err(StartError::Poll)?;
+        let mut command = command_socket(&config.command_socket, config.access_policy.is_some())?;
+        poll.registry()
+            .register(&mut command, COMMAND, Interest::READABLE)
+            .map_err(StartError::Poll)?;
+        poll.registry()
+            .register(&mut SourceFd(&signals.as_fd().as_raw_fd()), SIGNALS, Interest::READABLE)
+            .map_err(StartError::Poll)?;
+        let worker_count = u32::from(config.worker_count);
+        let mut listeners = BTreeMap::new();
+        for address in state.listeners().keys() {
+            let mut fds = Vec::new();
+            for _ in 0..worker_count {
+                fds.push(bind_listener(address)?);
+            }
+            listeners.insert(address.clone(), fds);
+        }
+        let jail = WorkerJailParams::from_config(&config, ProfileOptions { sandbox_off });
+        let worker_uid = if nix::unistd::Uid::effective().is_root() && !sandbox_off {
+            nix::unistd::User::from_name(&config.worker_user)
+                .ok()
+                .flatten()
+                .map(|u| u.uid.as_raw())
+        } else {
+            None
+        };
+        let launch = WorkerLaunch {
+            id: 0,
+            jail,
+            buffer_size: config.buffer_size,
+            max_connections: config.max_connections,
+            client_idle_timeout: config.timeouts.client_idle,
+            request_timeout: config.timeouts.request,
+            backend_connect_timeout: config.timeouts.backend_connect,
+            backend_response_timeout: config.timeouts.backend_response,
+            shutdown_grace: config.timeouts.shutdown_grace,
+        };
+        let workers = (0..worker_count)
+            .map(|id| WorkerSlot {
+                id,
+                pid: None,
+                channel: None,
+                stderr: None,
+                stderr_buf: Vec::new(),
+                outbox: VecDeque::new(),
+                run_state: RunState::Dead,
+                jail: None,
+                started: Instant::now(),
+                respawn_at: None,
+                backoff: Duration::from_millis(100),
+            })
+            .collect();
+        let command_path = config.command_socket.clone();
+        let mut supervisor = Supervisor {
+            config,
+            state,
+            poll,
+            command,
+            command_path,
+            signals,
+            self_exe: OwnedFd::from(self_exe),
+            launch,
+            worker_uid,
+            workers,
+            listeners,
+            clients: slab::Slab::new(),
+            pending: HashMap::new(),
+            next_sequence: 1,
+            log,
+            audit,
+            stop_deadline: None,
+            fresh_listeners: Vec::new(),
+        };
+        if sandbox_off {
+            supervisor
+                .log
+                .warn("WORKERS RUN WITHOUT THEIR JAIL (--sandbox-off): for measurements only");
+        }
+        supervisor.audit.system(
+            "supervisor_start",
+            &format!("pid {}, state {}", std::process::id(), supervisor.state.hash_hex()),
+        );
+        for id in 0..worker_count {
+            supervisor.spawn(id);
+        }
+        Ok(supervisor)
+    }
+
+    fn spawn(&mut self, id: u32) {
+        let Some(slot) = self.workers.get_mut(id as usize) else {
+            return;
+        };
+        let mut launch = self.launch.clone();
+        launch.id = id;
+        let Ok(launch_json) = serde_json::to_string(&launch) else {
+            return;
+        };
+        let (ours, theirs) = match Channel::pair() {
+            Ok(p) => p,
+            Err(e) => {
+                self.log.error(&format!("worker {id}: cannot create its channel: {e}"));
+                return;
+            }
+        };
+        let (err_read, err_write) =
+            match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.log
+                        .error(&format!("worker {id}: cannot create its stderr pipe: {e}"));
+                    return;
+                }
+            };
+        let child_fd = theirs.as_raw_fd();
+        let exe = format!("/proc/self/fd/{}", self.self_exe.as_raw_fd());
+        let mut command = std::process::Command::new(exe);
+        command
+            .arg0("rampart-worker")
+            .args([
+                "worker",
+                "--channel-fd",
+                &CHANNEL_FD.to_string(),
+                "--launch",
+                &launch_json,
+            ])
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(err_write));
+        // SAFETY: only async-signal-safe calls between fork and exec: dup2, fcntl and
+        // sigprocmask put the channel at fd 3 and give the worker an empty signal mask.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(child_fd, CHANNEL_FD) == -1 || libc::fcntl(CHANNEL_FD, libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let child = match command.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                self.log.error(&format!("worker {id}: spawn failed: {e}"));
+                slot.respawn_at = Some(Instant::now() + slot.backoff);
+                return;
+            }
+        };
+        drop(theirs);
+        let pid = Pid::from_raw(child.id() as i32);
+        let _ = ours.set_nonblocking(true);
+        let token = Token(WORKER_BASE + id as usize * 2);
+        let _ = self.poll.registry().register(
+            &mut SourceFd(&ours.as_raw_fd()),
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        );
+        let err_file = std::fs::File::from(err_read);
+        let _ = self.poll.registry().register(
+            &mut SourceFd(&err_file.as_raw_fd()),
+            Token(WORKER_BASE + id as usize * 2 + 1),
+            Interest::READABLE,
+        );
+        slot.pid = Some(pid);
+        slot.channel = Some(ours);
+        slot.stderr = Some(err_file);
+        slot.stderr_buf.clear();
+        slot.outbox.clear();
+        slot.run_state = RunState::Starting;
+        slot.jail = None;
+        slot.started = Instant::now();
+        slot.respawn_at = None;
+        self.log.info(&format!("worker {id} spawned (pid {pid})"));
+        self.audit.system("worker_spawn", &format!("worker {id} pid {pid}"));
+    }
+
+    /// Runs until stopped. Returns the process exit code.
+    pub fn run(&mut self) -> i32 {
+        let mut events = Events::with_capacity(256);
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, Some(Duration::from_millis(100)))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                self.log.error(&format!("event loop failed: {e}"));
+                return 1;
+            }
+            let tokens: Vec<(Token, bool, bool)> = events
+                .iter()
+                .map(|e| (e.token(), e.is_readable() || e.is_read_closed(), e.is_writable()))
+                .collect();
+            for (token, readable, writable) in tokens {
+                match token {
+                    COMMAND => self.accept_clients(),
+                    SIGNALS => {
+                        if let Some(code) = self.handle_signals() {
+                            return code;
+                        }
+                    }
+                    Token(t) if (WORKER_BASE..CLIENT_BASE).contains(&t) => {
+                        let id = ((t - WORKER_BASE) / 2) as u32;
+                        if (t - WORKER_BASE).is_multiple_of(2) {
+                            if readable {
+                                self.worker_messages(id);
+                            }
+                            if writable {
+                                self.flush_worker(id);
+                            }
+                        } else {
+                            self.worker_stderr(id);
+                        }
+                    }
+                    Token(t) if t >= CLIENT_BASE => {
+                        let key = t - CLIENT_BASE;
+                        if readable {
+                            self.client_readable(key);
+                        }
+                        self.flush_client(key);
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(code) = self.tick() {
+                return code;
+            }
+        }
+    }
+
+    fn tick(&mut self) -> Option<i32> {
+        let now = Instant::now();
+        self.audit.tick();
+        // Command connections silent for longer than their idle timeout are closed.
+        let idle: Vec<usize> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.last_active) > c.idle_timeout)
+            .map(|(k, _)| k)
+            .collect();
+        for key in idle {
+            self.close_client(key);
+        }
+        // Respawns.
+        let due: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|w| w.run_state == RunState::Dead && w.respawn_at.is_some_and(|t| now >= t))
+            .map(|w| w.id)
+            .collect();
+        if self.stop_deadline.is_none() {
+            for id in due {
+                self.spawn(id);
+            }
+        }
+        // Requests whose workers did not all answer.
+        let late: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now >= p.deadline)
+            .map(|(s, _)| *s)
+            .collect();
+        for sequence in late {
+            if let Some(p) = self.pending.remove(&sequence) {
+                let mut missing: Vec<String> = p.waiting.iter().map(|w| format!("worker {w}")).collect();
+                missing.sort();
+                let message = format!(
+                    "{}; but {} did not acknowledge within {}s",
+                    p.message,
+                    missing.join(", "),
+                    WORKER_ACK_TIMEOUT.as_secs()
+                );
+                self.respond(p.client, &p.request_id, false, message, None);
+            }
+        }
+        if let Some(deadline) = self.stop_deadline {
+            let alive = self.workers.iter().filter(|w| w.pid.is_some()).count();
+            if alive == 0 {
+                self.log.info("all workers stopped; exiting");
+                self.audit.system("supervisor_stop", "all workers stopped");
+                self.audit.close();
+                let _ = std::fs::remove_file(&self.command_path);
+                return Some(0);
+            }
+            if now >= deadline {
+                for w in &self.workers {
+                    if let Some(pid) = w.pid {
+                        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                    }
+                }
+                self.stop_deadline = Some(now + Duration::from_secs(2));
+            }
+        }
+        None
+    }
+
+    fn begin_stop(&mut self, hard: bool) {
+        let grace = if hard {
+            Duration::from_millis(0)
+        } else {
+            Duration::from_secs(u64::from(self.config.timeouts.shutdown_grace))
+        };
+        self.log
+            .info(&format!("stopping ({})", if hard { "hard" } else { "soft, draining" }));
+        self.stop_deadline = Some(Instant::now() + grace + Duration::from_millis(500));
+        let kind = if hard {
+            Kind::HardStop(proto::Empty {})
+        } else {
+            Kind::SoftStop(proto::Empty {})
+        };
+        let request = proto::Request {
+            id: String::new(),
+            kind: Some(kind),
+        };
+        for id in 0..self.workers.len() as u32 {
+            self.send_order(id, 0, request.clone());
+            if let Some(w) = self.workers.get_mut(id as usize)
+                && w.run_state == RunState::Running
+            {
+                w.run_state = RunState::Stopping;
+            }
+        }
+    }
+
+    fn handle_signals(&mut self) -> Option<i32> {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGCHLD) => self.reap(),
+                // TERM/INT: drain for at most the grace period, then kill; QUIT: the same soft stop.
+                Ok(Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) if self.stop_deadline.is_none() => {
+                    self.begin_stop(false);
+                }
+                Ok(Signal::SIGHUP) => {
+                    self.log.reopen();
+                    self.log.info("log reopened (SIGHUP)");
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn reap(&mut self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    self.worker_ended(pid, format!("exited with code {code}"), code == 0)
+                }
+                Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                    self.worker_ended(pid, format!("killed by signal {}", signal_name(signal)), false)
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn worker_ended(&mut self, pid: Pid, how: String, clean: bool) {
+        let stopping = self.stop_deadline.is_some();
+        let Some(slot) = self.workers.iter_mut().find(|w| w.pid == Some(pid)) else {
+            return;
+        };
+        let id = slot.id;
+        if let Some(channel) = slot.channel.take() {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&channel.as_raw_fd()));
+        }
+        if let Some(err) = slot.stderr.take() {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&err.as_raw_fd()));
+        }
+        slot.pid = None;
+        slot.run_state = RunState::Dead;
+        slot.outbox.clear();
+        if !stopping {
+            // Back off when a worker dies young; a worker that lived a while restarts quickly.
+            if slot.started.elapsed() > Duration::from_secs(10) {
+                slot.backoff = Duration::from_millis(100);
+            }
+            slot.respawn_at = Some(Instant::now() + slot.backoff);
+            slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
+        }
+        let message = format!("worker {id} (pid {pid}) {how}");
+        if clean || stopping {
+            self.log.info(&message);
+        } else {
+            self.log.error(&format!("{message}; respawning"));
+        }
+        self.audit
+            .system(if clean { "worker_exit" } else { "worker_crash" }, &message);
+        // Requests waiting for this worker stop waiting for it.
+        let done: Vec<u64> = self
+            .pending
+            .iter_mut()
+            .filter_map(|(s, p)| {
+                p.waiting.remove(&id);
+                p.waiting.is_empty().then_some(*s)
+            })
+            .collect();
+        for sequence in done {
+            self.finish_pending(sequence);
+        }
+    }
+
+    fn worker_stderr(&mut self, id: u32) {
+        let Some(slot) = self.workers.get_mut(id as usize) else {
+            return;
+        };
+        let Some(err) = &mut slot.stderr else { return };
+        let mut buf = [0u8; 4096];
+        loop {
+            match err.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => slot.stderr_buf.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                Err(_) => break,
+            }
+        }
+        while let Some(nl) = slot.stderr_buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = slot.stderr_buf.drain(..=nl).collect();
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+            self.log.error(&format!("worker {id} stderr: {text}"));
+        }
+        if slot.stderr_buf.len() > 64 * 1024 {
+            slot.stderr_buf.clear();
+        }
+    }
+
+    fn send(&mut self, id: u32, message: ChannelMessage, fd: Option<RawFd>) {
+        if let Some(slot) = self.workers.get_mut(id as usize) {
+            slot.outbox.push_back((message, fd));
+        }
+        self.flush_worker(id);
+    }
+
+    fn send_order(&mut self, id: u32, sequence: u64, request: proto::Request) {
+        let message = ChannelMessage {
+            kind: Some(ChannelKind::Order(proto::WorkerOrder {
+                sequence,
+                request: Some(request),
+            })),
+        };
+        self.send(id, message, None);
+    }
+
+    fn flush_worker(&mut self, id: u32) {
+        let Some(slot) = self.workers.get_mut(id as usize) else {
+            return;
+        };
+        let Some(channel) = &slot.channel else { return };
+        while let Some((message, fd)) = slot.outbox.front() {
+            // SAFETY: the descriptor is one of ours (a listener kept in `self.listeners`, alive
+            // for as long as the listener exists); it is only borrowed for this send.
+            let borrowed: Vec<_> = fd
+                .iter()
+                .map(|fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) })
+                .collect();
+            match channel.send(message, &borrowed) {
+                Ok(()) => {
+                    slot.outbox.pop_front();
+                }
+                Err(ChannelError::Send(nix::Error::EAGAIN)) => return,
+                Err(e) => {
+                    let text = format!("worker {id}: channel send failed: {e}");
+                    slot.outbox.pop_front();
+                    self.log.error(&text);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn worker_messages(&mut self, id: u32) {
+        loop {
+            let Some(slot) = self.workers.get(id as usize) else {
+                return;
+            };
+            let Some(channel) = &slot.channel else { return };
+            let received = match channel.recv() {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(ChannelError::Receive(nix::Error::EAGAIN)) => return,
+                Err(e) => {
+                    // Untrusted bytes: refuse and go on (descriptors were already closed).
+                    self.log.warn(&format!("worker {id}: refused a message: {e}"));
+                    continue;
+                }
+            };
+            match received.message.kind {
+                Some(ChannelKind::JailReport(report)) => self.worker_jailed(id, report),
+                Some(ChannelKind::Reply(reply)) => self.worker_reply(id, reply),
+                Some(ChannelKind::Log(line)) => {
+                    let text = format!("{}: {}", line.target, line.message);
+                    match line.level {
+                        rampart_worker::LOG_ERROR => self.log.error(&text),
+                        rampart_worker::LOG_WARN => self.log.warn(&text),
+                        _ => self.log.info(&text),
+                    }
+                }
+                _ => self.log.warn(&format!("worker {id}: unexpected message kind")),
+            }
+        }
+    }
+
+    fn worker_jailed(&mut self, id: u32, report: proto::JailReport) {
+        let Some(slot) = self.workers.get(id as usize) else {
+            return;
+        };
+        if slot.run_state != RunState::Starting {
+            self.log.warn(&format!("worker {id}: a second jail report was ignored"));
+            return;
+        }
+        let Some(pid) = slot.pid else { return };
+        if !self.launch.jail.sandbox_off {
+            // Trust, but verify from outside.
+            let expect = rampart_sandbox::inspect::Expectation {
+                uid: self.worker_uid,
+                gid: None,
+                max_fds: None,
+                allow_bounding: !nix::unistd::Uid::effective().is_root(),
+            };
+            if let Err(violations) = rampart_sandbox::inspect::verify_jailed(pid.as_raw(), &expect) {
+                let text: Vec<String> = violations.iter().map(ToString::to_string).collect();
+                self.log.error(&format!(
+                    "worker {id} (pid {pid}) is not jailed as required: {}; killing it",
+                    text.join("; ")
+                ));
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                return;
+            }
+        }
+        self.log.info(&format!(
+            "worker {id} (pid {pid}) jailed: uid {} landlock {} (ABI {}) seccomp {} ({} rules)",
+            report.uid, report.landlock_status, report.landlock_abi, report.seccomp_mode, report.seccomp_rules
+        ));
+        if let Some(slot) = self.workers.get_mut(id as usize) {
+            slot.jail = Some(report);
+            slot.run_state = RunState::Running;
+        }
+        // The state first, as the same requests the supervisor applied, then the listeners.
+        for request in self.state.to_requests() {
+            self.send_order(id, 0, request);
+        }
+        let handoffs: Vec<(String, i32, RawFd)> = self
+            .listeners
+            .iter()
+            .filter_map(|(address, fds)| {
+                let protocol = self
+                    .state
+                    .listeners()
+                    .get(address)
+                    .map(|l| l.protocol)
+                    .unwrap_or_default();
+                fds.get(id as usize)
+                    .map(|fd| (address.clone(), protocol, fd.as_raw_fd()))
+            })
+            .collect();
+        for (address, protocol, fd) in handoffs {
+            let message = ChannelMessage {
+                kind: Some(ChannelKind::Listener(proto::ListenerHandoff { address, protocol })),
+            };
+            self.send(id, message, Some(fd));
+        }
+    }
+
+    fn worker_reply(&mut self, id: u32, reply: proto::WorkerReply) {
+        let ok = reply.status == proto::ResponseStatus::Ok as i32;
+        if reply.sequence == 0 {
+            if !ok {
+                self.log.error(&format!(
+                    "worker {id} refused a configuration request: {}",
+                    reply.message
+                ));
+            }
+            return;
+        }
+        let Some(p) = self.pending.get_mut(&reply.sequence) else {
+            return;
+        };
+        p.waiting.remove(&id);
+        if !ok {
+            p.failures.push(format!("worker {id}: {}", reply.message));
+        }
+        if p.waiting.is_empty() {
+            self.finish_pending(reply.sequence);
+        }
+    }
+
+    fn finish_pending(&mut self, sequence: u64) {
+        if let Some(p) = self.pending.remove(&sequence) {
+            if p.failures.is_empty() {
+                self.respond(p.client, &p.request_id, true, p.message, None);
+            } else {
+                let message = format!("{}; but {}", p.message, p.failures.join("; "));
+                self.respond(p.client, &p.request_id, false, message, None);
+            }
+        }
+    }
+
+    fn accept_clients(&mut self) {
+        loop {
+            let (mut stream, _) = match self.command.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    self.log.warn(&format!("command socket accept failed: {e}"));
+                    return;
+                }
+            };
+            // A connection whose credentials cannot be read is refused.
+            let peer = match socket::getsockopt(&stream, sockopt::PeerCredentials) {
+                Ok(c) => crate::audit::peer(c.uid(), c.gid(), c.pid()),
+                Err(e) => {
+                    self.log
+                        .warn(&format!("command connection without peer credentials refused: {e}"));
+                    continue;
+                }
+            };
+            if let Err(reason) = self.audit.connection_opened(&peer) {
+                let response = proto::Response {
+                    request_id: String::new(),
+                    status: proto::ResponseStatus::Failure as i32,
+                    message: reason,
+                    content: None,
+                };
+                let _ = stream.write(&encode_frame(&response));
+                continue;
+            }
+            let entry = self.clients.vacant_entry();
+            let token = Token(CLIENT_BASE + entry.key());
+            if self
+                .poll
+                .registry()
+                .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                .is_err()
+            {
+                continue;
+            }
+            let idle_timeout = self.audit.idle_timeout(&peer);
+            entry.insert(Client {
+                stream,
+                peer,
+                reader: FrameReader::default(),
+                out: Vec::new(),
+                closing: false,
+                last_active: Instant::now(),
+                idle_timeout,
+            });
+        }
+    }
+
+    fn close_client(&mut self, key: usize) {
+        if let Some(mut c) = self.clients.try_remove(key) {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+            self.audit.connection_closed(&c.peer);
+        }
+    }
+
+    fn client_readable(&mut self, key: usize) {
+        if let Some(c) = self.clients.get_mut(key) {
+            c.last_active = Instant::now();
+        }
+        loop {
+            let Some(client) = self.clients.get_mut(key) else {
+                return;
+            };
+            let frame = client.reader.read_frame(&mut client.stream);
+            match frame {
+                Ok(Some(body)) => {
+                    let peer = client.peer.clone();
+                    match decode_request(&body) {
+                        Ok(request) => self.handle(key, peer, request),
+                        Err(e) => {
+                            self.audit.malformed(&peer, &body, &e.to_string());
+                            self.respond(key, "", false, format!("malformed request: {e}"), None);
+                        }
+                    }
+                }
+                Ok(None) => {
+                    if client.reader.is_eof() {
+                        self.close_client(key);
+                    }
+                    return;
+                }
+                Err(e @ (FrameError::TooLarge { .. } | FrameError::BadLength)) => {
+                    let peer = client.peer.clone();
+                    self.audit.malformed(&peer, &[], &e.to_string());
+                    self.respond(key, "", false, format!("{e}; closing the connection"), None);
+                    if let Some(c) = self.clients.get_mut(key) {
+                        c.closing = true;
+                    }
+                    return;
+                }
+                Err(_) => {
+                    self.close_client(key);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn flush_client(&mut self, key: usize) {
+        let Some(client) = self.clients.get_mut(key) else {
+            return;
+        };
+        while !client.out.is_empty() {
+            match client.stream.write(&client.out) {
+                Ok(0) => break,
+                Ok(n) => {
+                    client.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.close_client(key);
+                    return;
+                }
+            }
+        }
+        if client.out.is_empty() && client.closing {
+            self.close_client(key);
+        }
+    }
+
+    fn respond(
+        &mut self,
+        key: usize,
+        request_id: &str,
+        ok: bool,
+        message: String,
+        content: Option<proto::response::Content>,
+    ) {
+        let response = proto::Response {
+            request_id: request_id.to_string(),
+            status: if ok {
+                proto::ResponseStatus::Ok
+            } else {
+                proto::ResponseStatus::Failure
+            } as i32,
+            message,
+            content,
+        };
+        if let Some(client) = self.clients.get_mut(key) {
+            client.out.extend_from_slice(&encode_frame(&response));
+        }
+        self.flush_client(key);
+    }
+
+    fn running_workers(&self) -> Vec<u32> {
+        self.workers
+            .iter()
+            .filter(|w| w.run_state == RunState::Running)
+            .map(|w| w.id)
+            .collect()
+    }
+
+    /// Ports of backends a request would add, for the landlock check.
+    fn backend_ports(request: &proto::Request, out: &mut Vec<(String, u16)>) {
+        match &request.kind {
+            Some(Kind::AddBackend(b)) => {
+                if let Ok(a) = b.address.parse::<std::net::SocketAddr>() {
+                    out.push((b.address.clone(), a.port()));
+                }
+            }
+            Some(Kind::Apply(batch)) => {
+                for r in &batch.requests {
+                    Self::backend_ports(r, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn handle(&mut self, key: usize, peer: Peer, request: proto::Request) {
+        let id = request.id.clone();
+        let kind = rampart_command::request_kind_name(&request);
+        if let Err(reason) = self.audit.authorize(&peer, &request, &self.state) {
+            self.log
+                .warn(&format!("uid {} pid {}: {kind} refused: {reason}", peer.uid, peer.pid));
+            self.respond(key, &id, false, reason, None);
+            return;
+        }
+        if is_state_change(&request) {
+            self.state_change(key, peer, request);
+            return;
+        }
+        if let Some(Kind::LoadState(p)) = &request.kind {
+            // Loading a saved state is one atomic batch: the difference from the running state.
+            match self.load_state(&p.path) {
+                Ok(requests) => {
+                    let batch = proto::Request {
+                        id: id.clone(),
+                        kind: Some(Kind::Apply(proto::Batch { requests })),
+                    };
+                    self.state_change(key, peer, batch);
+                }
+                Err(message) => self.respond(key, &id, false, message, None),
+            }
+            return;
+        }
+        let answer = self.query(&request);
+        match answer {
+            Ok((message, content)) => self.respond(key, &id, true, message, content),
+            Err(message) => self.respond(key, &id, false, message, None),
+        }
+    }
+
+    fn state_change(&mut self, key: usize, peer: Peer, request: proto::Request) {
+        let id = request.id.clone();
+        if let ConnectRule::Ports(allowed) = &self.launch.jail.connect
+            && !self.launch.jail.sandbox_off
+        {
+            let mut ports = Vec::new();
+            Self::backend_ports(&request, &mut ports);
+            if let Some((address, port)) = ports.iter().find(|(_, p)| !allowed.contains(p)) {
+                let message = format!(
+                    "backend {address}: workers may not connect to port {port} (their landlock rules allow {}); add it to sandbox.backend_ports and restart, or set sandbox.connect_any_port",
+                    allowed.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+                );
+                self.audit.denied(&peer, &request, "backend_port", &message);
+                self.respond(key, &id, false, message, None);
+                return;
+            }
+        }
+        // Fail closed: the change is recorded before it is applied.
+        let received_seq = match self.audit.received(&peer, &request, &self.state) {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.log.error(&format!("audit log write failed: {e}; request refused"));
+                self.respond(
+                    key,
+                    &id,
+                    false,
+                    format!("refused: the audit log cannot be written ({e}); nothing was changed"),
+                    None,
+                );
+                return;
+            }
+        };
+        let touches_listeners = matches!(
+            request.kind,
+            Some(Kind::AddListener(_) | Kind::RemoveListener(_) | Kind::Apply(_))
+        );
+        let before = self.state.hash_hex();
+        let result = if touches_listeners {
+            let mut next = self.state.clone();
+            match next.apply(&request) {
+                Ok(change) => match self.sync_listener_sockets(&next) {
+                    Ok(()) => {
+                        self.state = next;
+                        Ok(change)
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            }
+        } else {
+            self.state.apply(&request).map_err(|e| e.to_string())
+        };
+        let change = match result {
+            Ok(change) => change,
+            Err(message) => {
+                self.audit
+                    .completed(&peer, &request, received_seq, Err(&message), &before, &self.state);
+                self.respond(key, &id, false, message, None);
+                return;
+            }
+        };
+        self.audit.completed(
+            &peer,
+            &request,
+            received_seq,
+            Ok(&change.to_string()),
+            &before,
+            &self.state,
+        );
+        let message = change.to_string();
+        if !change.is_effective() {
+            self.respond(key, &id, true, message, None);
+            return;
+        }
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let workers = self.running_workers();
+        for w in &workers {
+            self.send_order(*w, sequence, request.clone());
+        }
+        self.handoff_new_listeners();
+        if workers.is_empty() {
+            self.respond(
+                key,
+                &id,
+                true,
+                format!("{message} (no worker running: they get it when they start)"),
+                None,
+            );
+            return;
+        }
+        self.pending.insert(
+            sequence,
+            Pending {
+                client: key,
+                request_id: id,
+                waiting: workers.into_iter().collect(),
+                deadline: Instant::now() + WORKER_ACK_TIMEOUT,
+                message,
+                failures: Vec::new(),
+            },
+        );
+    }
+
+    /// Binds sockets for listeners `next` adds and closes those it removes. On a bind failure
+    /// nothing changes.
+    fn sync_listener_sockets(&mut self, next: &State) -> Result<(), StartError> {
+        let mut added = Vec::new();
+        for address in next.listeners().keys() {
+            if !self.listeners.contains_key(address) {
+                let mut fds = Vec::new();
+                for _ in 0..self.workers.len() {
+                    fds.push(bind_listener(address)?);
+                }
+                added.push((address.clone(), fds));
+            }
+        }
+        self.listeners
+            .retain(|address, _| next.listeners().contains_key(address));
+        for (address, fds) in added {
+            self.listeners.insert(address.clone(), fds);
+            self.fresh_listeners.push(address);
+        }
+        Ok(())
+    }
+
+    fn handoff_new_listeners(&mut self) {
+        let fresh = std::mem::take(&mut self.fresh_listeners);
+        for address in fresh {
+            let protocol = self
+                .state
+                .listeners()
+                .get(&address)
+                .map(|l| l.protocol)
+                .unwrap_or_default();
+            for id in self.running_workers() {
+                let Some(fd) = self
+                    .listeners
+                    .get(&address)
+                    .and_then(|fds| fds.get(id as usize))
+                    .map(AsRawFd::as_raw_fd)
+                else {
+                    continue;
+                };
+                let message = ChannelMessage {
+                    kind: Some(ChannelKind::Listener(proto::ListenerHandoff {
+                        address: address.clone(),
+                        protocol,
+                    })),
+                };
+                self.send(id, message, Some(fd));
+            }
+        }
+    }
+
+    fn load_state(&self, requested: &str) -> Result<Vec<proto::Request>, String> {
+        let path = self.audit.state_path(requested)?;
+        let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let loaded = State::load(io::BufReader::new(file)).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(self.state.diff(&loaded))
+    }
+
+    fn query(&mut self, request: &proto::Request) -> Result<(String, Option<proto::response::Content>), String> {
+        use proto::response::Content;
+        let state = &self.state;
+        match &request.kind {
+            Some(Kind::Status(_)) => Ok((
+                format!("{} worker(s) running", self.running_workers().len()),
+                Some(Content::StatusReport(proto::StatusReport {
+                    version: crate::VERSION.to_string(),
+                    state_hash: state.hash_hex(),
+                    workers: self.running_workers().len() as u32,
+                    clusters: state.clusters().len() as u64,
+                    frontends: state.frontend_count() as u64,
+                    backends: state.backend_count() as u64,
+                    listeners: state.listeners().len() as u64,
+                })),
+            )),
+            Some(Kind::ListWorkers(_)) => Ok((
+                String::new(),
+                Some(Content::Workers(proto::WorkerList {
+                    workers: self
+                        .workers
+                        .iter()
+                        .map(|w| proto::WorkerInfo {
+                            id: w.id,
+                            pid: w.pid.map_or(0, Pid::as_raw),
+                            run_state: w.run_state.name().into(),
+                            jail: w.jail.clone(),
+                        })
+                        .collect(),
+                })),
+            )),
+            Some(Kind::ListListeners(_)) => Ok((
+                String::new(),
+                Some(Content::Listeners(proto::ListenerList {
+                    listeners: state.listeners().values().cloned().collect(),
+                })),
+            )),
+            Some(Kind::QueryClusters(filter)) => {
+                let clusters = state
+                    .clusters()
+                    .values()
+                    .filter(|c| filter.cluster_id.is_empty() || c.cluster_id == filter.cluster_id)
+                    .map(|c| proto::ClusterInfo {
+                        cluster: Some(c.clone()),
+                        backends: state.cluster_backends(&c.cluster_id).cloned().collect(),
+                        http_frontends: state
+                            .http_frontends()
+                            .filter(|f| f.cluster_id == c.cluster_id)
+                            .cloned()
+                            .collect(),
+                        https_frontends: state
+                            .https_frontends()
+                            .filter(|f| f.cluster_id == c.cluster_id)
+                            .cloned()
+                            .collect(),
+                        tcp_frontends: state
+                            .tcp_frontends()
+                            .filter(|f| f.cluster_id == c.cluster_id)
+                            .cloned()
+                            .collect(),
+                    })
+                    .collect();
+                Ok((String::new(), Some(Content::Clusters(proto::ClusterList { clusters }))))
+            }
+            Some(Kind::ListFrontends(filter)) => {
+                let keep = |cluster: &str, host: &str| {
+                    (filter.cluster_id.is_empty() || filter.cluster_id == cluster)
+                        && (filter.hostname.is_empty() || filter.hostname == host)
+                };
+                Ok((
+                    String::new(),
+                    Some(Content::Frontends(proto::FrontendList {
+                        http: state
+                            .http_frontends()
+                            .filter(|f| keep(&f.cluster_id, &f.hostname))
+                            .cloned()
+                            .collect(),
+                        https: state
+                            .https_frontends()
+                            .filter(|f| keep(&f.cluster_id, &f.hostname))
+                            .cloned()
+                            .collect(),
+                        tcp: state
+                            .tcp_frontends()
+                            .filter(|f| keep(&f.cluster_id, ""))
+                            .cloned()
+                            .collect(),
+                    })),
+                ))
+            }
+            Some(Kind::ListCertificates(filter)) => Ok((
+                String::new(),
+                Some(Content::Certificates(proto::CertificateList {
+                    certificates: state
+                        .certificates()
+                        .filter(|(_, c)| filter.address.is_empty() || c.address == filter.address)
+                        .map(|(fp, c)| proto::CertificateSummary {
+                            address: c.address.clone(),
+                            fingerprint: fp.to_string(),
+                            names: c.names.clone(),
+                            not_after: 0,
+                        })
+                        .collect(),
+                })),
+            )),
+            Some(Kind::ListHealthChecks(_)) => Ok((
+                String::new(),
+                Some(Content::HealthChecks(proto::HealthCheckList {
+                    checks: state.health_checks().cloned().collect(),
+                })),
+            )),
+            Some(Kind::DumpState(_)) => {
+                let mut requests = state.to_requests();
+                // Private keys never leave the supervisor through a dump.
+                for r in &mut requests {
+                    if let Some(Kind::AddCertificate(c)) = &mut r.kind {
+                        c.key = String::new();
+                    }
+                }
+                Ok((
+                    String::new(),
+                    Some(Content::State(proto::StateDump {
+                        requests,
+                        hash: state.hash_hex(),
+                    })),
+                ))
+            }
+            Some(Kind::ShowPolicy(_)) => {
+                let profile = Profile::from_params(&self.launch.jail);
+                let text = format!("{}\n{}", self.audit.policy_text(), profile.to_text());
+                Ok((String::new(), Some(Content::Policy(proto::PolicyText { text }))))
+            }
+            Some(Kind::SaveState(p)) => {
+                let path = self.audit.state_path(&p.path)?;
+                let tmp = path.with_extension("tmp");
+                let mut out = Vec::new();
+                state.save(&mut out).map_err(|e| e.to_string())?;
+                std::fs::write(&tmp, &out)
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let message = format!("saved {} request(s) to {}", state.to_requests().len(), path.display());
+                self.audit.system("state_saved", &message);
+                Ok((message, None))
+            }
+            Some(Kind::SoftStop(_)) => {
+                self.begin_stop(false);
+                Ok(("soft stop: draining, then exiting".into(), None))
+            }
+            Some(Kind::HardStop(_)) => {
+                self.begin_stop(true);
+                Ok(("hard stop".into(), None))
+            }
+            Some(Kind::SetLoggingLevel(level)) => self
+                .log
+                .set_level(&level.filter)
+                .map(|()| (format!("logging level set to {}", level.filter), None)),
+            other => Err(format!(
+                "`{}` is not available in this version of rampart",
+                other
+                    .as_ref()
+                    .map_or("none", |_| rampart_command::request_kind_name(request))
+            )),
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.command_path);
+    }
+}

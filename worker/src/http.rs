@@ -1,0 +1,1072 @@
+//! One HTTP/1.1 client connection: requests parsed with kawa, routed, forwarded to a backend
+//! over a kept-alive connection, responses streamed back; pipelined requests are answered in
+//! order because the next request is not parsed before the current response is complete.
+//!
+//! Everything is non-blocking and edge-triggered: `run` makes all the progress the sockets
+//! allow, then returns. Memory per connection is two pooled buffers; bodies stream through
+//! them whatever their size.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use kawa::h1::ParserCallbacks;
+use kawa::{Block, BodySize, Kawa, Kind, Pair, ParsingPhase, StatusLine, Store};
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use crate::balancer::{Balancers, Rng};
+use crate::pool::Checkout;
+use crate::router::Router;
+use crate::{ListenerInfo, Timeouts};
+
+/// Cookie that pins a client to a backend when the cluster asks for sticky sessions.
+const STICKY_COOKIE: &[u8] = b"RAMPARTID";
+/// Connection attempts per request before giving up.
+const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// What the event loop must do with a session after `run`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Status {
+    Open,
+    Close,
+}
+
+/// Shared, per-worker things a session needs while it runs.
+pub struct Context<'a> {
+    pub registry: &'a Registry,
+    pub router: &'a Router,
+    pub balancers: &'a mut Balancers,
+    pub rng: &'a mut Rng,
+    pub now: Instant,
+    pub timeouts: &'a Timeouts,
+}
+
+struct Backend {
+    stream: TcpStream,
+    cluster: String,
+    backend_id: String,
+    index: usize,
+    connected: bool,
+    readable: bool,
+    writable: bool,
+    /// The backend may be used for another request after this response.
+    reusable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for, or parsing, a request's headers.
+    Request,
+    /// Headers parsed and routed; the backend connection is being opened.
+    Connecting,
+    /// Request and response flowing.
+    Forward,
+    /// Writing an answer of our own.
+    Answer,
+    /// After a 101: bytes copied both ways.
+    Pipe,
+}
+
+/// Facts gathered from a request's headers.
+#[derive(Default)]
+struct RequestFacts {
+    head: bool,
+    close: bool,
+    keep_alive: bool,
+    http10: bool,
+    upgrade: bool,
+    sticky: Option<Vec<u8>>,
+    request_id: String,
+    has_request_id: bool,
+}
+
+struct RequestCallbacks<'a> {
+    peer: SocketAddr,
+    listener: &'a ListenerInfo,
+    rng: &'a mut Rng,
+    facts: RequestFacts,
+}
+
+fn header_value<'b>(buf: &'b [u8], pair: &'b Pair) -> Option<(&'b [u8], &'b [u8])> {
+    Some((pair.key.data_opt(buf)?, pair.val.data_opt(buf)?))
+}
+
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+impl ParserCallbacks<Checkout> for RequestCallbacks<'_> {
+    fn on_headers(&mut self, kawa: &mut Kawa<Checkout>) {
+        let buf = kawa.storage.buffer();
+        if let StatusLine::Request { method, version, .. } = &kawa.detached.status_line {
+            self.facts.head = method.data_opt(buf) == Some(b"HEAD");
+            self.facts.http10 = matches!(version, kawa::Version::V10);
+        }
+        let mut forwarded_for: Option<usize> = None;
+        for (i, block) in kawa.blocks.iter_mut().enumerate() {
+            let Block::Header(pair) = block else { continue };
+            let mut elide = false;
+            {
+                let Some((key, value)) = header_value(buf, pair) else {
+                    continue;
+                };
+                if key.eq_ignore_ascii_case(b"connection") {
+                    self.facts.close |= has_token(value, b"close");
+                    self.facts.keep_alive |= has_token(value, b"keep-alive");
+                    self.facts.upgrade |= has_token(value, b"upgrade");
+                } else if key.eq_ignore_ascii_case(b"x-forwarded-for") {
+                    forwarded_for = Some(i);
+                } else if key.eq_ignore_ascii_case(b"x-forwarded-proto")
+                    || key.eq_ignore_ascii_case(b"x-forwarded-port")
+                {
+                    // Ours replace whatever the client claimed.
+                    elide = true;
+                } else if key.eq_ignore_ascii_case(b"x-request-id") && !value.is_empty() && value.len() <= 200 {
+                    self.facts.request_id = String::from_utf8_lossy(value).into_owned();
+                    self.facts.has_request_id = true;
+                }
+            }
+            if elide {
+                pair.elide();
+            }
+        }
+        for crumb in &kawa.detached.jar {
+            if crumb.key.data_opt(buf) == Some(STICKY_COOKIE) {
+                self.facts.sticky = crumb.val.data_opt(buf).map(<[u8]>::to_vec);
+            }
+        }
+        let ip = self.peer.ip().to_string();
+        let proto: &'static [u8] = if self.listener.https { b"https" } else { b"http" };
+        match forwarded_for.and_then(|i| kawa.blocks.get_mut(i)) {
+            Some(Block::Header(pair)) => {
+                let previous = pair
+                    .val
+                    .data_opt(buf)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                pair.val = Store::from_string(format!("{previous}, {ip}"));
+            }
+            _ => kawa.push_block(header(b"X-Forwarded-For", Store::from_string(ip.clone()))),
+        }
+        kawa.push_block(header(b"X-Forwarded-Proto", Store::Static(proto)));
+        kawa.push_block(header(
+            b"X-Forwarded-Port",
+            Store::from_string(self.listener.port.to_string()),
+        ));
+        let for_value = if self.peer.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
+        kawa.push_block(header(
+            b"Forwarded",
+            Store::from_string(format!(
+                "for={for_value};proto={};by={}",
+                String::from_utf8_lossy(proto),
+                self.listener.by
+            )),
+        ));
+        if !self.facts.has_request_id {
+            self.facts.request_id = format!("{:016x}", self.rng.next_u64());
+            kawa.push_block(header(
+                b"X-Request-Id",
+                Store::from_string(self.facts.request_id.clone()),
+            ));
+        }
+    }
+}
+
+struct ResponseCallbacks<'a> {
+    head: bool,
+    request_id: &'a str,
+    set_cookie: Option<String>,
+    close: bool,
+    code: u16,
+}
+
+impl ParserCallbacks<Checkout> for ResponseCallbacks<'_> {
+    fn on_headers(&mut self, kawa: &mut Kawa<Checkout>) {
+        let buf = kawa.storage.buffer();
+        if let StatusLine::Response { code, .. } = &kawa.detached.status_line {
+            self.code = *code;
+        }
+        for block in &kawa.blocks {
+            if let Block::Header(pair) = block
+                && let Some((key, value)) = header_value(buf, pair)
+                && key.eq_ignore_ascii_case(b"connection")
+                && has_token(value, b"close")
+            {
+                self.close = true;
+            }
+        }
+        if self.head && self.code >= 200 {
+            // A response to HEAD has headers only, whatever its Content-Length says.
+            kawa.body_size = BodySize::Length(0);
+            kawa.parsing_phase = ParsingPhase::Terminated;
+        }
+        if kawa.body_size == BodySize::Empty && !kawa.is_terminated() {
+            // Delimited by the backend closing: the client connection cannot be reused.
+            self.close = true;
+        }
+        if self.code >= 200 || self.code == 101 {
+            kawa.push_block(header(b"X-Request-Id", Store::from_string(self.request_id.to_string())));
+            if let Some(cookie) = self.set_cookie.take() {
+                kawa.push_block(header(b"Set-Cookie", Store::from_string(cookie)));
+            }
+        }
+    }
+}
+
+fn header(key: &'static [u8], val: Store) -> Block {
+    Block::Header(Pair {
+        key: Store::Static(key),
+        val,
+    })
+}
+
+/// Outcome of checking a request's raw header section.
+fn check_header_section(raw: &[u8]) -> Result<(), u16> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or(400u16)?;
+    // Every line, the last one included, ends with CRLF.
+    let section = raw.get(..end + 2).ok_or(400u16)?;
+    let mut lines = section.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+    let _request_line = lines.next();
+    let mut content_lengths: Vec<&[u8]> = Vec::new();
+    let mut transfer_encoding = false;
+    for line in lines {
+        let line = line.strip_suffix(b"\r").ok_or(400u16)?;
+        if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+            return Err(400); // obs-fold
+        }
+        if line.iter().any(|b| (*b < 0x20 && *b != b'\t') || *b == 0x7f) {
+            return Err(400); // control characters
+        }
+        let colon = line.iter().position(|b| *b == b':').ok_or(400u16)?;
+        let name = line.get(..colon).ok_or(400u16)?;
+        if name.is_empty() || name.iter().any(|b| b.is_ascii_whitespace()) {
+            return Err(400);
+        }
+        let value = line.get(colon + 1..).unwrap_or_default().trim_ascii();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            content_lengths.push(value);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            transfer_encoding = true;
+        }
+    }
+    if transfer_encoding && !content_lengths.is_empty() {
+        return Err(400);
+    }
+    if content_lengths.windows(2).any(|w| w.first() != w.get(1)) {
+        return Err(400);
+    }
+    Ok(())
+}
+
+enum Io {
+    Data,
+    Blocked,
+    Closed,
+    Failed,
+}
+
+fn read_into(stream: &mut TcpStream, kawa: &mut Kawa<Checkout>) -> Io {
+    let space = kawa.storage.space();
+    if space.is_empty() {
+        return Io::Blocked;
+    }
+    loop {
+        match stream.read(space) {
+            Ok(0) => return Io::Closed,
+            Ok(n) => {
+                kawa.storage.fill(n);
+                return Io::Data;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Io::Blocked,
+            Err(_) => return Io::Failed,
+        }
+    }
+}
+
+fn write_from(stream: &mut TcpStream, kawa: &mut Kawa<Checkout>) -> Io {
+    let written = {
+        let slices = kawa.as_io_slice();
+        if slices.is_empty() {
+            return Io::Blocked;
+        }
+        loop {
+            match stream.write_vectored(&slices) {
+                Ok(0) => return Io::Closed,
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Io::Blocked,
+                Err(_) => return Io::Failed,
+            }
+        }
+    };
+    kawa.consume(written);
+    Io::Data
+}
+
+/// Raw copy from one kawa buffer's unconsumed bytes to a socket (pipe mode).
+fn write_raw(stream: &mut TcpStream, kawa: &mut Kawa<Checkout>) -> Io {
+    let data = kawa.storage.data();
+    if data.is_empty() {
+        return Io::Blocked;
+    }
+    match stream.write(data) {
+        Ok(0) => Io::Closed,
+        Ok(n) => {
+            kawa.storage.consume(n);
+            if kawa.storage.should_shift() {
+                kawa.storage.shift();
+            }
+            Io::Data
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => Io::Blocked,
+        Err(_) => Io::Failed,
+    }
+}
+
+pub struct HttpSession {
+    pub front: TcpStream,
+    peer: SocketAddr,
+    pub listener: ListenerInfo,
+    back_token: Token,
+    front_readable: bool,
+    front_writable: bool,
+    front_closed: bool,
+    back: Option<Backend>,
+    req: Kawa<Checkout>,
+    resp: Kawa<Checkout>,
+    phase: Phase,
+    facts: RequestFacts,
+    response_close: bool,
+    response_code: u16,
+    set_cookie: Option<String>,
+    cluster: Option<String>,
+    tried: Vec<usize>,
+    connect_timed_out: bool,
+    answer: Vec<u8>,
+    answer_written: usize,
+    close_after: bool,
+    /// Where the current request starts in the request buffer.
+    request_start: usize,
+    request_began: Option<Instant>,
+    pub deadline: Instant,
+}
+
+impl HttpSession {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        front: TcpStream,
+        peer: SocketAddr,
+        listener: ListenerInfo,
+        back_token: Token,
+        req_buf: Checkout,
+        resp_buf: Checkout,
+        now: Instant,
+        timeouts: &Timeouts,
+    ) -> HttpSession {
+        let idle = listener.timeouts.client_idle.unwrap_or(timeouts.client_idle);
+        HttpSession {
+            front,
+            peer,
+            listener,
+            back_token,
+            front_readable: true,
+            front_writable: true,
+            front_closed: false,
+            back: None,
+            req: Kawa::new(Kind::Request, kawa::Buffer::new(req_buf)),
+            resp: Kawa::new(Kind::Response, kawa::Buffer::new(resp_buf)),
+            phase: Phase::Request,
+            facts: RequestFacts::default(),
+            response_close: false,
+            response_code: 0,
+            set_cookie: None,
+            cluster: None,
+            tried: Vec::new(),
+            connect_timed_out: false,
+            answer: Vec::new(),
+            answer_written: 0,
+            close_after: false,
+            request_start: 0,
+            request_began: None,
+            deadline: now + idle,
+        }
+    }
+
+    pub fn front_event(&mut self, readable: bool, writable: bool) {
+        self.front_readable |= readable;
+        self.front_writable |= writable;
+    }
+
+    pub fn back_event(&mut self, readable: bool, writable: bool) {
+        if let Some(b) = &mut self.back {
+            b.readable |= readable;
+            b.writable |= writable;
+        }
+    }
+
+    /// Releases the backend connection (counted in the balancer) and deregisters it.
+    pub fn drop_backend(&mut self, ctx: &mut Context<'_>) {
+        if let Some(mut b) = self.back.take() {
+            let _ = ctx.registry.deregister(&mut b.stream);
+            ctx.balancers.connection_closed(&b.cluster, &b.backend_id);
+        }
+    }
+
+    pub fn close(&mut self, ctx: &mut Context<'_>) {
+        self.drop_backend(ctx);
+        let _ = ctx.registry.deregister(&mut self.front);
+    }
+
+    fn idle_deadline(&self, ctx: &Context<'_>) -> Instant {
+        ctx.now + self.listener.timeouts.client_idle.unwrap_or(ctx.timeouts.client_idle)
+    }
+
+    fn start_answer(&mut self, ctx: &mut Context<'_>, code: u16, close: bool, location: Option<&str>) {
+        let cluster_503 = self
+            .cluster
+            .as_ref()
+            .and_then(|c| ctx.balancers.clusters.get(c))
+            .map(|c| c.answer_503.as_str());
+        if self.facts.request_id.is_empty() {
+            self.facts.request_id = format!("{:016x}", ctx.rng.next_u64());
+        }
+        self.answer = crate::answers::render(
+            code,
+            close,
+            &self.facts.request_id,
+            location,
+            Some(&self.listener.answers),
+            cluster_503,
+        );
+        self.answer_written = 0;
+        self.close_after = close;
+        self.phase = Phase::Answer;
+        self.drop_backend(ctx);
+        self.deadline = self.idle_deadline(ctx);
+    }
+
+    /// Makes all the progress the sockets allow.
+    pub fn run(&mut self, ctx: &mut Context<'_>) -> Status {
+        for _ in 0..10_000 {
+            let progress = match self.phase {
+                Phase::Request => self.step_request(ctx),
+                Phase::Connecting => self.step_connecting(ctx),
+                Phase::Forward => self.step_forward(ctx),
+                Phase::Answer => self.step_answer(ctx),
+                Phase::Pipe => self.step_pipe(ctx),
+            };
+            match progress {
+                Step::Progress => continue,
+                Step::Blocked => return Status::Open,
+                Step::Close => return Status::Close,
+            }
+        }
+        Status::Open
+    }
+
+    fn read_front(&mut self) -> Io {
+        if !self.front_readable || self.front_closed {
+            return Io::Blocked;
+        }
+        let result = read_into(&mut self.front, &mut self.req);
+        if matches!(result, Io::Blocked) && !self.req.storage.space().is_empty() {
+            self.front_readable = false;
+        }
+        result
+    }
+
+    fn step_request(&mut self, ctx: &mut Context<'_>) -> Step {
+        // An idle kept-alive backend that closes is simply forgotten.
+        if let Some(b) = &mut self.back
+            && b.readable
+        {
+            let mut probe = [0u8; 1];
+            match b.stream.read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => b.readable = false,
+                _ => self.drop_backend(ctx),
+            }
+        }
+        if self.req.storage.unparsed_data().is_empty() {
+            match self.read_front() {
+                Io::Data => {}
+                Io::Blocked => return Step::Blocked,
+                Io::Closed | Io::Failed => {
+                    // A client closing between requests is normal; in the middle of one, the
+                    // request is abandoned.
+                    return Step::Close;
+                }
+            }
+        }
+        if self.request_began.is_none() {
+            self.request_began = Some(ctx.now);
+            self.request_start = self.req.storage.head;
+            self.deadline = ctx.now + self.listener.timeouts.request.unwrap_or(ctx.timeouts.request);
+        }
+        let mut callbacks = RequestCallbacks {
+            peer: self.peer,
+            listener: &self.listener,
+            rng: ctx.rng,
+            facts: RequestFacts::default(),
+        };
+        kawa::h1::parse(&mut self.req, &mut callbacks);
+        let facts = callbacks.facts;
+        if self.req.is_error() {
+            self.facts.request_id = facts.request_id;
+            self.start_answer(ctx, 400, true, None);
+            return Step::Progress;
+        }
+        if !self.req.is_main_phase() {
+            if self.req.storage.space().is_empty() {
+                // The headers do not fit the buffer.
+                let code = if self.req.parsing_phase == ParsingPhase::StatusLine {
+                    414
+                } else {
+                    431
+                };
+                self.start_answer(ctx, code, true, None);
+                return Step::Progress;
+            }
+            // Need more bytes.
+            return match self.read_front() {
+                Io::Data => Step::Progress,
+                Io::Blocked => Step::Blocked,
+                Io::Closed | Io::Failed => Step::Close,
+            };
+        }
+        self.facts = facts;
+        let raw = self
+            .req
+            .storage
+            .buffer()
+            .get(self.request_start..self.req.storage.end)
+            .unwrap_or_default();
+        if let Err(code) = check_header_section(raw) {
+            self.start_answer(ctx, code, true, None);
+            return Step::Progress;
+        }
+        self.route(ctx)
+    }
+
+    fn route(&mut self, ctx: &mut Context<'_>) -> Step {
+        let buf = self.req.storage.buffer();
+        let (authority, path, method) = match &self.req.detached.status_line {
+            StatusLine::Request {
+                authority,
+                path,
+                method,
+                ..
+            } => (
+                authority.data_opt(buf).unwrap_or_default(),
+                path.data_opt(buf).unwrap_or_default(),
+                method.data_opt(buf).unwrap_or_default(),
+            ),
+            _ => (&b""[..], &b""[..], &b""[..]),
+        };
+        let Some(cluster_id) = ctx.router.route(&self.listener.address, authority, path, method) else {
+            let close = !self.req.is_terminated();
+            self.start_answer(ctx, 404, close, None);
+            return Step::Progress;
+        };
+        let cluster_id = cluster_id.to_string();
+        if !self.listener.https
+            && ctx
+                .balancers
+                .clusters
+                .get(&cluster_id)
+                .is_some_and(|c| c.https_redirect)
+        {
+            let host = String::from_utf8_lossy(authority);
+            let host = host.rsplit_once(':').map_or(host.as_ref(), |(h, _)| h).to_string();
+            let uri = match &self.req.detached.status_line {
+                StatusLine::Request { path, .. } => {
+                    String::from_utf8_lossy(path.data_opt(buf).unwrap_or(b"/")).into_owned()
+                }
+                _ => "/".into(),
+            };
+            let location = format!("https://{host}{uri}");
+            let close = !self.req.is_terminated();
+            self.start_answer(ctx, 301, close, Some(&location));
+            return Step::Progress;
+        }
+        self.cluster = Some(cluster_id.clone());
+        self.tried.clear();
+        self.connect_timed_out = false;
+        // Reuse the kept-alive backend when it serves the same cluster.
+        // (and the backend is still configured: a removed backend finishes its in-flight request,
+        // and gets no new one).
+        if let Some(b) = &self.back
+            && b.cluster == cluster_id
+            && b.connected
+            && ctx
+                .balancers
+                .clusters
+                .get(&cluster_id)
+                .is_some_and(|c| c.backends.iter().any(|x| x.id == b.backend_id && x.weight > 0))
+        {
+            self.phase = Phase::Forward;
+            self.deadline = ctx.now
+                + self
+                    .listener
+                    .timeouts
+                    .backend_response
+                    .unwrap_or(ctx.timeouts.backend_response);
+            return Step::Progress;
+        }
+        self.drop_backend(ctx);
+        self.connect(ctx)
+    }
+
+    fn connect(&mut self, ctx: &mut Context<'_>) -> Step {
+        let Some(cluster_id) = self.cluster.clone() else {
+            self.start_answer(ctx, 503, true, None);
+            return Step::Progress;
+        };
+        let sticky = self.facts.sticky.clone();
+        let Some(cluster) = ctx.balancers.clusters.get_mut(&cluster_id) else {
+            self.start_answer(ctx, 503, true, None);
+            return Step::Progress;
+        };
+        let sticky_enabled = cluster.sticky;
+        let Some(index) = cluster.pick(
+            ctx.rng,
+            ctx.now,
+            if sticky_enabled { sticky.as_deref() } else { None },
+            &self.tried,
+        ) else {
+            let code = if self.tried.is_empty() {
+                503
+            } else if self.connect_timed_out {
+                504
+            } else {
+                502
+            };
+            let close = !self.req.is_terminated();
+            self.start_answer(ctx, code, close, None);
+            return Step::Progress;
+        };
+        self.tried.push(index);
+        let Some(slot) = cluster.backends.get(index) else {
+            self.start_answer(ctx, 503, true, None);
+            return Step::Progress;
+        };
+        let (address, backend_id) = (slot.address, slot.id.clone());
+        if sticky_enabled && sticky.as_deref() != Some(backend_id.as_bytes()) {
+            self.set_cookie = Some(format!("RAMPARTID={backend_id}; Path=/; HttpOnly"));
+        }
+        match TcpStream::connect(address) {
+            Ok(mut stream) => {
+                if ctx
+                    .registry
+                    .register(&mut stream, self.back_token, Interest::READABLE | Interest::WRITABLE)
+                    .is_err()
+                {
+                    cluster.failed(index, ctx.now);
+                    return Step::Progress;
+                }
+                let _ = stream.set_nodelay(true);
+                ctx.balancers.connection_opened(&cluster_id, &backend_id);
+                self.back = Some(Backend {
+                    stream,
+                    cluster: cluster_id,
+                    backend_id,
+                    index,
+                    connected: false,
+                    readable: false,
+                    writable: false,
+                    reusable: true,
+                });
+                self.phase = Phase::Connecting;
+                self.deadline = ctx.now
+                    + self
+                        .listener
+                        .timeouts
+                        .backend_connect
+                        .unwrap_or(ctx.timeouts.backend_connect);
+                Step::Progress
+            }
+            Err(_) => {
+                cluster.failed(index, ctx.now);
+                if self.tried.len() >= MAX_CONNECT_ATTEMPTS {
+                    let close = !self.req.is_terminated();
+                    self.start_answer(ctx, 502, close, None);
+                    return Step::Progress;
+                }
+                self.connect(ctx)
+            }
+        }
+    }
+
+    fn connect_failed(&mut self, ctx: &mut Context<'_>) -> Step {
+        if let Some(b) = &self.back {
+            let (cluster, index) = (b.cluster.clone(), b.index);
+            if let Some(c) = ctx.balancers.clusters.get_mut(&cluster) {
+                c.failed(index, ctx.now);
+            }
+        }
+        self.drop_backend(ctx);
+        if self.tried.len() >= MAX_CONNECT_ATTEMPTS {
+            let code = if self.connect_timed_out { 504 } else { 502 };
+            let close = !self.req.is_terminated();
+            self.start_answer(ctx, code, close, None);
+            return Step::Progress;
+        }
+        self.connect(ctx)
+    }
+
+    fn step_connecting(&mut self, ctx: &mut Context<'_>) -> Step {
+        let Some(b) = &mut self.back else {
+            return self.connect(ctx);
+        };
+        if !b.writable && !b.readable {
+            return Step::Blocked;
+        }
+        match b.stream.take_error() {
+            Ok(None) => {}
+            _ => return self.connect_failed(ctx),
+        }
+        match b.stream.peer_addr() {
+            Ok(_) => {
+                b.connected = true;
+                let (cluster, index) = (b.cluster.clone(), b.index);
+                if let Some(c) = ctx.balancers.clusters.get_mut(&cluster) {
+                    c.succeeded(index);
+                }
+                self.phase = Phase::Forward;
+                self.deadline = ctx.now
+                    + self
+                        .listener
+                        .timeouts
+                        .backend_response
+                        .unwrap_or(ctx.timeouts.backend_response);
+                Step::Progress
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                b.writable = false;
+                b.readable = false;
+                Step::Blocked
+            }
+            Err(_) => self.connect_failed(ctx),
+        }
+    }
+
+    /// The backend did not answer in time.
+    pub fn timeout(&mut self, ctx: &mut Context<'_>) -> Status {
+        match self.phase {
+            Phase::Connecting => {
+                self.connect_timed_out = true;
+                match self.connect_failed(ctx) {
+                    Step::Close => Status::Close,
+                    _ => self.run(ctx),
+                }
+            }
+            Phase::Forward if self.resp.is_initial() && self.resp.storage.is_empty() => {
+                self.start_answer(ctx, 504, true, None);
+                self.run(ctx)
+            }
+            Phase::Request if self.request_began.is_some() && !self.req.storage.unparsed_data().is_empty() => {
+                self.start_answer(ctx, 408, true, None);
+                self.run(ctx)
+            }
+            _ => Status::Close,
+        }
+    }
+
+    fn step_forward(&mut self, ctx: &mut Context<'_>) -> Step {
+        let mut progress = false;
+        // Client → backend.
+        if !self.req.is_terminated() {
+            match self.read_front() {
+                Io::Data => {
+                    kawa::h1::parse(&mut self.req, &mut kawa::h1::NoCallbacks);
+                    if self.req.is_error() {
+                        return Step::Close;
+                    }
+                    progress = true;
+                }
+                Io::Closed | Io::Failed => return Step::Close,
+                Io::Blocked => {}
+            }
+        }
+        self.req.prepare(&mut kawa::h1::BlockConverter);
+        if let Some(b) = &mut self.back
+            && b.writable
+            && !self.req.out.is_empty()
+        {
+            match write_from(&mut b.stream, &mut self.req) {
+                Io::Data => progress = true,
+                Io::Blocked => b.writable = false,
+                Io::Closed | Io::Failed => return self.backend_lost(ctx),
+            }
+        }
+        // Backend → client.
+        if !self.resp.is_terminated()
+            && let Some(b) = &mut self.back
+            && b.readable
+        {
+            match read_into(&mut b.stream, &mut self.resp) {
+                Io::Data => {
+                    let mut callbacks = ResponseCallbacks {
+                        head: self.facts.head,
+                        request_id: &self.facts.request_id,
+                        set_cookie: self.set_cookie.take(),
+                        close: false,
+                        code: 0,
+                    };
+                    let was_initial = !self.resp.is_main_phase();
+                    kawa::h1::parse(&mut self.resp, &mut callbacks);
+                    if was_initial && self.resp.is_main_phase() {
+                        self.response_close = callbacks.close;
+                        self.response_code = callbacks.code;
+                    }
+                    if callbacks.set_cookie.is_some() {
+                        self.set_cookie = callbacks.set_cookie;
+                    }
+                    if self.resp.is_error() {
+                        if self.response_code == 0 && self.resp.out.is_empty() {
+                            self.start_answer(ctx, 502, true, None);
+                            return Step::Progress;
+                        }
+                        return Step::Close;
+                    }
+                    self.deadline = ctx.now
+                        + self
+                            .listener
+                            .timeouts
+                            .backend_response
+                            .unwrap_or(ctx.timeouts.backend_response);
+                    progress = true;
+                }
+                Io::Blocked => {
+                    if !self.resp.storage.space().is_empty() {
+                        b.readable = false;
+                    }
+                }
+                Io::Closed | Io::Failed => {
+                    if self.resp.body_size == BodySize::Empty && self.resp.is_main_phase() {
+                        // Close-delimited body: its end is the backend closing.
+                        self.resp.parsing_phase = ParsingPhase::Terminated;
+                        self.response_close = true;
+                        if let Some(b) = &mut self.back {
+                            b.reusable = false;
+                        }
+                        progress = true;
+                    } else {
+                        return self.backend_lost(ctx);
+                    }
+                }
+            }
+        }
+        if self.resp.is_main_phase() {
+            self.resp.prepare(&mut kawa::h1::BlockConverter);
+        }
+        if self.front_writable && !self.resp.out.is_empty() {
+            match write_from(&mut self.front, &mut self.resp) {
+                Io::Data => progress = true,
+                Io::Blocked => self.front_writable = false,
+                Io::Closed | Io::Failed => return Step::Close,
+            }
+        }
+        if self.resp.is_terminated() && self.resp.out.is_empty() && self.resp.blocks.is_empty() {
+            return self.response_done(ctx);
+        }
+        if progress { Step::Progress } else { Step::Blocked }
+    }
+
+    /// The backend closed or failed in the middle of an exchange.
+    fn backend_lost(&mut self, ctx: &mut Context<'_>) -> Step {
+        let nothing_sent = self.response_code == 0 && self.resp.storage.is_empty();
+        self.drop_backend(ctx);
+        if nothing_sent {
+            self.start_answer(ctx, 502, true, None);
+            Step::Progress
+        } else {
+            Step::Close
+        }
+    }
+
+    fn response_done(&mut self, ctx: &mut Context<'_>) -> Step {
+        let code = self.response_code;
+        if (100..200).contains(&code) && code != 101 {
+            // An interim response (100 Continue): the real one follows.
+            self.resp.clear();
+            self.response_code = 0;
+            return Step::Progress;
+        }
+        if code == 101 && self.facts.upgrade {
+            // The request is complete (an upgrade has no body): from now on, bytes.
+            self.phase = Phase::Pipe;
+            self.deadline = self.idle_deadline(ctx);
+            return Step::Progress;
+        }
+        if !self.req.is_terminated() {
+            // The backend answered before the whole request arrived: the rest cannot be
+            // delimited reliably, so the connection ends here.
+            return Step::Close;
+        }
+        let keep_front = !self.response_close
+            && !self.facts.close
+            && (!self.facts.http10 || self.facts.keep_alive)
+            && !self.front_closed;
+        if let Some(b) = &self.back
+            && (!b.reusable || self.response_close || !self.resp.storage.unparsed_data().is_empty())
+        {
+            self.drop_backend(ctx);
+        }
+        if !keep_front {
+            return Step::Close;
+        }
+        self.req.clear();
+        self.resp.clear();
+        self.resp.storage.clear();
+        self.facts = RequestFacts::default();
+        self.response_close = false;
+        self.response_code = 0;
+        self.request_began = None;
+        self.phase = Phase::Request;
+        self.deadline = self.idle_deadline(ctx);
+        Step::Progress
+    }
+
+    fn step_answer(&mut self, _ctx: &mut Context<'_>) -> Step {
+        while self.answer_written < self.answer.len() {
+            if !self.front_writable {
+                return Step::Blocked;
+            }
+            let rest = self.answer.get(self.answer_written..).unwrap_or_default();
+            match self.front.write(rest) {
+                Ok(0) => return Step::Close,
+                Ok(n) => self.answer_written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.front_writable = false;
+                    return Step::Blocked;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Step::Close,
+            }
+        }
+        if self.close_after {
+            let _ = self.front.shutdown(std::net::Shutdown::Write);
+            return Step::Close;
+        }
+        // Keep-alive after an answer to a bodiless request: skip what was parsed of it.
+        self.req.blocks.clear();
+        self.req.out.clear();
+        self.req
+            .storage
+            .consume(self.req.storage.head.saturating_sub(self.req.storage.start));
+        if self.req.storage.should_shift() {
+            self.req.storage.shift();
+        }
+        self.req.clear();
+        self.resp.clear();
+        self.facts = RequestFacts::default();
+        self.request_began = None;
+        self.answer.clear();
+        self.phase = Phase::Request;
+        Step::Progress
+    }
+
+    fn step_pipe(&mut self, ctx: &mut Context<'_>) -> Step {
+        let mut progress = false;
+        let Some(b) = &mut self.back else { return Step::Close };
+        // Client → backend: whatever the client sent after the upgrade request is in the request
+        // buffer past the parsed part.
+        if self.front_readable {
+            match read_into(&mut self.front, &mut self.req) {
+                Io::Data => progress = true,
+                Io::Blocked => {
+                    if !self.req.storage.space().is_empty() {
+                        self.front_readable = false;
+                    }
+                }
+                Io::Closed | Io::Failed => {
+                    let _ = b.stream.shutdown(std::net::Shutdown::Write);
+                    return Step::Close;
+                }
+            }
+        }
+        if self.req.storage.head > self.req.storage.start {
+            // Bytes already forwarded as part of the request: drop them from the pipe's view.
+            let parsed = self.req.storage.head - self.req.storage.start;
+            self.req.storage.consume(parsed);
+        }
+        self.req.storage.head = self.req.storage.end;
+        if b.writable {
+            match write_raw(&mut b.stream, &mut self.req) {
+                Io::Data => progress = true,
+                Io::Blocked => {}
+                Io::Closed | Io::Failed => return Step::Close,
+            }
+            self.req.storage.head = self.req.storage.end;
+        }
+        if b.readable {
+            match read_into(&mut b.stream, &mut self.resp) {
+                Io::Data => progress = true,
+                Io::Blocked => {
+                    if !self.resp.storage.space().is_empty() {
+                        b.readable = false;
+                    }
+                }
+                Io::Closed | Io::Failed => {
+                    if self.resp.storage.data().is_empty() {
+                        return Step::Close;
+                    }
+                }
+            }
+        }
+        if self.resp.storage.head > self.resp.storage.start {
+            let parsed = self.resp.storage.head - self.resp.storage.start;
+            self.resp.storage.consume(parsed);
+        }
+        self.resp.storage.head = self.resp.storage.end;
+        if self.front_writable {
+            match write_raw(&mut self.front, &mut self.resp) {
+                Io::Data => progress = true,
+                Io::Blocked => self.front_writable = false,
+                Io::Closed | Io::Failed => return Step::Close,
+            }
+            self.resp.storage.head = self.resp.storage.end;
+        }
+        if progress {
+            self.deadline = self.idle_deadline(ctx);
+            Step::Progress
+        } else {
+            Step::Blocked
+        }
+    }
+}
+
+enum Step {
+    Progress,
+    Blocked,
+    Close,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_header_section;
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let ok = b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc";
+        assert_eq!(check_header_section(ok), Ok(()));
+        let both = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(check_header_section(both), Err(400));
+        let differing = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
+        assert_eq!(check_header_section(differing), Err(400));
+        let same = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\ncontent-length: 3\r\n\r\n";
+        assert_eq!(check_header_section(same), Ok(()));
+        let fold = b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n";
+        assert_eq!(check_header_section(fold), Err(400));
+        let ctl = b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\x01c\r\n\r\n";
+        assert_eq!(check_header_section(ctl), Err(400));
+        let space_name = b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length : 3\r\n\r\n";
+        assert_eq!(check_header_section(space_name), Err(400));
+        let bare_lf = b"GET / HTTP/1.1\nHost: a\n\n";
+        assert_eq!(check_header_section(bare_lf), Err(400));
+    }
+}

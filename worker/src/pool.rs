@@ -1,0 +1,79 @@
+//! Fixed-size I/O buffers, reused across connections. The pool grows on demand up to its cap
+//! (two buffers per connection at `max_connections`); a released buffer goes back to the pool.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+#[derive(Debug)]
+struct Inner {
+    free: Vec<Box<[u8]>>,
+    size: usize,
+    outstanding: usize,
+    cap: usize,
+}
+
+/// A shared pool of buffers of one size.
+#[derive(Debug, Clone)]
+pub struct Pool(Rc<RefCell<Inner>>);
+
+impl Pool {
+    pub fn new(size: usize, cap: usize) -> Pool {
+        Pool(Rc::new(RefCell::new(Inner {
+            free: Vec::new(),
+            size,
+            outstanding: 0,
+            cap,
+        })))
+    }
+
+    /// A buffer, or None when the cap is reached.
+    pub fn checkout(&self) -> Option<Checkout> {
+        let mut inner = self.0.borrow_mut();
+        if inner.outstanding >= inner.cap {
+            return None;
+        }
+        let buf = inner
+            .free
+            .pop()
+            .unwrap_or_else(|| vec![0u8; inner.size].into_boxed_slice());
+        inner.outstanding += 1;
+        Some(Checkout {
+            buf,
+            pool: self.clone(),
+        })
+    }
+
+    /// Buffers in use.
+    pub fn outstanding(&self) -> usize {
+        self.0.borrow().outstanding
+    }
+}
+
+/// A buffer on loan from the pool; returned when dropped.
+#[derive(Debug)]
+pub struct Checkout {
+    buf: Box<[u8]>,
+    pool: Pool,
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        let mut inner = self.pool.0.borrow_mut();
+        inner.outstanding = inner.outstanding.saturating_sub(1);
+        // Keep a bounded number of idle buffers.
+        if inner.free.len() < 1024 {
+            inner.free.push(buf);
+        }
+    }
+}
+
+impl kawa::AsBuffer for Checkout {
+    fn as_buffer(&self) -> &[u8] {
+        &self.buf
+    }
+
+    fn as_mut_buffer(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
