@@ -123,3 +123,303 @@ pub fn assert_snapshot(name: &str, actual: &str) {
         );
     }
 }
+
+/// A running `rampart start`, stopped (SIGKILL to the supervisor, whose workers die with it
+/// through PDEATHSIG) when dropped.
+pub struct Rampart {
+    pub child: std::process::Child,
+    pub dir: TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+/// The common head of a test configuration: paths inside `dir`.
+pub fn config_head(dir: &Path, workers: u16) -> String {
+    format!(
+        "command_socket = \"{d}/rampart.sock\"\nstate_dir = \"{d}/state\"\naudit_log = \"{d}/audit.log\"\nworker_count = {workers}\n",
+        d = dir.display()
+    )
+}
+
+impl Rampart {
+    /// Starts rampart with `config` (written to a file in a new temporary directory; use
+    /// `{dir}` in it for that directory) and waits until every worker runs.
+    pub fn start(name: &str, config: &str) -> Rampart {
+        Self::start_with(name, config, &[])
+    }
+
+    pub fn start_with(name: &str, config: &str, extra_args: &[&str]) -> Rampart {
+        let dir = TempDir::new(name);
+        let text = config.replace("{dir}", &dir.path().display().to_string());
+        let config_path = dir.path().join("rampart.toml");
+        std::fs::write(&config_path, &text).unwrap();
+        let log = dir.path().join("rampart.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(rampart_bin())
+            .arg("start")
+            .arg("-c")
+            .arg(&config_path)
+            .args(extra_args)
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        let socket = dir.path().join("rampart.sock");
+        let r = Rampart {
+            child,
+            dir,
+            config: config_path,
+            socket,
+            log,
+        };
+        r.wait_running();
+        r
+    }
+
+    /// Waits until every worker reports running (10 s at most).
+    pub fn wait_running(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Ok(out) = self.try_ctl(&["workers", "--json"])
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&out)
+                && let Some(workers) = v["content"]["workers"]["workers"].as_array()
+                && !workers.is_empty()
+                && workers.iter().all(|w| w["run_state"] == "running")
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rampart did not start:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a client command; Ok(stdout) on success, Err(stdout + stderr) otherwise.
+    pub fn try_ctl(&self, args: &[&str]) -> Result<String, String> {
+        let out = std::process::Command::new(rampart_bin())
+            .arg("-s")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
+    /// Runs a client command that must succeed.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        self.try_ctl(args)
+            .unwrap_or_else(|e| panic!("rampart {args:?} failed: {e}"))
+    }
+
+    /// The workers' pids, from `rampart workers --json`.
+    pub fn worker_pids(&self) -> Vec<i32> {
+        let v: serde_json::Value = serde_json::from_str(&self.ctl(&["workers", "--json"])).unwrap();
+        v["content"]["workers"]["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|w| w["pid"].as_i64())
+            .filter(|p| *p > 0)
+            .map(|p| p as i32)
+            .collect()
+    }
+}
+
+impl Drop for Rampart {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// nginx serving a fixed body on a free port, with its own prefix; stopped when dropped.
+pub struct Nginx {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub dir: TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx with `locations` inside its server block (e.g. `location / { return 200 "ok"; }`).
+    pub fn start(name: &str, locations: &str) -> Option<Nginx> {
+        if !require_tool(name, "nginx") && !Path::new("/usr/sbin/nginx").exists() {
+            return None;
+        }
+        let dir = TempDir::new(&format!("nginx-{name}"));
+        let port = free_port();
+        let d = dir.path().display();
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nuser root;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {d};\n proxy_temp_path {d};\n fastcgi_temp_path {d};\n uwsgi_temp_path {d};\n scgi_temp_path {d};\n\
+             keepalive_requests 100000;\n client_max_body_size 0;\n\
+             server {{\n listen 127.0.0.1:{port};\n root {d}/www;\n{locations}\n }}\n}}\n"
+        );
+        std::fs::create_dir_all(dir.path().join("www")).unwrap();
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let nginx = if Path::new("/usr/sbin/nginx").exists() {
+            "/usr/sbin/nginx".to_string()
+        } else {
+            "nginx".to_string()
+        };
+        let child = std::process::Command::new(nginx)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(Nginx { child, port, dir })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends raw bytes on a new connection and returns everything received until the peer closes
+/// or `timeout` passes.
+pub fn raw_exchange(port: u16, bytes: &[u8], timeout: std::time::Duration) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A tiny HTTP/1.1 backend for tests: answers every request with a JSON description of what it
+/// received (method, path, headers, body length), keeps connections alive, and sleeps first
+/// when the path is `/sleep/<ms>`.
+pub struct EchoBackend {
+    pub port: u16,
+}
+
+fn read_request(
+    stream: &mut std::io::BufReader<std::net::TcpStream>,
+) -> Option<(String, String, Vec<(String, String)>, usize)> {
+    use std::io::{BufRead, Read};
+    let mut line = String::new();
+    if stream.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        stream.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = 0usize;
+    if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut size = String::new();
+            stream.read_line(&mut size).ok()?;
+            let n = usize::from_str_radix(size.trim(), 16).ok()?;
+            if n == 0 {
+                let mut end = String::new();
+                stream.read_line(&mut end).ok()?;
+                break;
+            }
+            let mut chunk = vec![0u8; n + 2];
+            stream.read_exact(&mut chunk).ok()?;
+            body += n;
+        }
+    } else if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        let mut remaining = len;
+        let mut buf = vec![0u8; 65536];
+        while remaining > 0 {
+            let n = stream.read(&mut buf[..remaining.min(65536)]).ok()?;
+            if n == 0 {
+                return None;
+            }
+            remaining -= n;
+        }
+        body = len;
+    }
+    Some((method, path, headers, body))
+}
+
+impl EchoBackend {
+    pub fn start() -> EchoBackend {
+        Self::start_on(0)
+    }
+
+    /// On a given port (0: any free one).
+    pub fn start_on(port: u16) -> EchoBackend {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    use std::io::Write;
+                    let mut writer = stream.try_clone().unwrap();
+                    let mut reader = std::io::BufReader::new(stream);
+                    while let Some((method, path, headers, body)) = read_request(&mut reader) {
+                        if let Some(ms) = path.strip_prefix("/sleep/").and_then(|m| m.parse::<u64>().ok()) {
+                            std::thread::sleep(std::time::Duration::from_millis(ms));
+                        }
+                        let headers: serde_json::Map<String, serde_json::Value> = headers
+                            .into_iter()
+                            .map(|(k, v)| (k.to_ascii_lowercase(), serde_json::Value::String(v)))
+                            .collect();
+                        let json = serde_json::json!({"method": method, "path": path, "headers": headers, "body_length": body, "port": port});
+                        let text = json.to_string();
+                        let response = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+                            text.len()
+                        );
+                        if writer.write_all(response.as_bytes()).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        EchoBackend { port }
+    }
+}

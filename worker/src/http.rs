@@ -873,7 +873,19 @@ impl HttpSession {
         if self.resp.is_terminated() && self.resp.out.is_empty() && self.resp.blocks.is_empty() {
             return self.response_done(ctx);
         }
-        if progress { Step::Progress } else { Step::Blocked }
+        if progress {
+            // The backend timeout is a limit on inactivity: an upload or a download that keeps
+            // moving is never cut.
+            self.deadline = ctx.now
+                + self
+                    .listener
+                    .timeouts
+                    .backend_response
+                    .unwrap_or(ctx.timeouts.backend_response);
+            Step::Progress
+        } else {
+            Step::Blocked
+        }
     }
 
     /// The backend closed or failed in the middle of an exchange.

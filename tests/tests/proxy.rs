@@ -1,0 +1,582 @@
+//! HTTP/1.1 proxying end to end: the real `rampart` binary with jailed workers, real nginx and
+//! test backends, real curl and wrk.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rampart_tests::{EchoBackend, Nginx, Rampart, config_head, free_port, raw_exchange, require_root, require_tool};
+
+struct Setup {
+    rampart: Rampart,
+    port: u16,
+    nginx: Nginx,
+    echo: EchoBackend,
+}
+
+/// rampart in front of nginx (`app.test`), an echo backend (`echo.test`), a cluster without
+/// backends (`empty.test`) and a backend that refuses connections (`refused.test`).
+fn setup(name: &str, workers: u16) -> Option<Setup> {
+    if !require_tool(name, "curl") {
+        return None;
+    }
+    let nginx = Nginx::start(
+        name,
+        "location / { return 200 \"Hello, world\\n\"; }\nlocation /files/ { alias DIR/www/; }",
+    )?;
+    let www = nginx.dir.path().join("www");
+    let conf = std::fs::read_to_string(nginx.dir.path().join("nginx.conf"))
+        .unwrap()
+        .replace("DIR/www/", &format!("{}/", www.display()));
+    std::fs::write(nginx.dir.path().join("nginx.conf"), conf).unwrap();
+    // Reload with the real alias path.
+    let _ = Command::new("kill")
+        .args(["-HUP", &nginx.child.id().to_string()])
+        .status();
+    std::thread::sleep(Duration::from_millis(200));
+    let echo = EchoBackend::start();
+    let port = free_port();
+    let refused = free_port();
+    let config = format!(
+        r#"{head}
+buffer_size = 16384
+[sandbox]
+backend_ports = [{refused}]
+
+[[listeners]]
+address = "127.0.0.1:{port}"
+answers = {{ "404" = "custom: no such site\n" }}
+timeouts = {{ backend_response = 1 }}
+
+[clusters.app]
+backends = [ {{ address = "127.0.0.1:{nginx}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "app.test" }} ]
+
+[clusters.echo]
+backends = [ {{ address = "127.0.0.1:{echo}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "echo.test" }} ]
+
+[clusters.empty]
+answer_503 = "empty cluster\n"
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "empty.test" }} ]
+
+[clusters.refused]
+backends = [ {{ address = "127.0.0.1:{refused}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "refused.test" }} ]
+"#,
+        head = config_head(std::path::Path::new("{dir}"), workers),
+        nginx = nginx.port,
+        echo = echo.port,
+    );
+    let rampart = Rampart::start(name, &config);
+    Some(Setup {
+        rampart,
+        port,
+        nginx,
+        echo,
+    })
+}
+
+/// curl with a Host header; returns (status, body, response headers).
+fn curl(port: u16, host: &str, path: &str, extra: &[&str]) -> (u16, String, String) {
+    let dir = rampart_tests::TempDir::new("curl");
+    let headers = dir.path().join("headers");
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "20", "-H", &format!("Host: {host}"), "-D"])
+        .arg(&headers)
+        .args(["-w", "\n%{http_code}"])
+        .args(extra)
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        body.to_string(),
+        std::fs::read_to_string(headers).unwrap_or_default(),
+    )
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[test]
+fn requests_responses_and_default_answers() {
+    let Some(s) = setup("basics", 2) else { return };
+    let p = s.port;
+    let (code, body, _) = curl(p, "app.test", "/", &[]);
+    assert_eq!((code, body.as_str()), (200, "Hello, world\n"));
+
+    // POST with a body: the backend sees it whole, with forwarding headers and a request id
+    // that the client gets back.
+    let (code, body, headers) = curl(p, "echo.test", "/submit", &["-d", &"x".repeat(100_000)]);
+    assert_eq!(code, 200);
+    let seen = json(&body);
+    assert_eq!(seen["method"], "POST");
+    assert_eq!(seen["body_length"], 100_000);
+    assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(seen["headers"]["x-forwarded-port"], p.to_string());
+    assert_eq!(
+        seen["headers"]["forwarded"],
+        format!("for=127.0.0.1;proto=http;by=\"127.0.0.1:{p}\"")
+    );
+    let id = seen["headers"]["x-request-id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 16);
+    assert!(
+        headers.to_ascii_lowercase().contains(&format!("x-request-id: {id}")),
+        "{headers}"
+    );
+    // A request id the client sends is kept; an X-Forwarded-For is extended.
+    let (_, body, _) = curl(
+        p,
+        "echo.test",
+        "/",
+        &["-H", "X-Request-Id: abc-123", "-H", "X-Forwarded-For: 10.1.1.1"],
+    );
+    let seen = json(&body);
+    assert_eq!(seen["headers"]["x-request-id"], "abc-123");
+    assert_eq!(seen["headers"]["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
+
+    // Chunked upload, streamed.
+    let file = s.rampart.dir.path().join("upload");
+    std::fs::write(&file, vec![b'z'; 3_000_000]).unwrap();
+    let (code, body, _) = curl(
+        p,
+        "echo.test",
+        "/up",
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
+    );
+    assert_eq!(code, 200);
+    assert_eq!(json(&body)["body_length"], 3_000_000);
+
+    // 100-continue: curl waits for it before sending a large body.
+    let (code, body, _) = curl(
+        p,
+        "echo.test",
+        "/expect",
+        &[
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
+    );
+    assert_eq!(code, 200);
+    assert_eq!(json(&body)["body_length"], 3_000_000);
+
+    // HEAD and HTTP/1.0.
+    let (code, body, headers) = curl(p, "app.test", "/", &["-I"]);
+    assert_eq!(code, 200);
+    assert!(headers.contains("Content-Length: 13"), "{headers}");
+    assert!(
+        body.is_empty() || body.starts_with("HTTP/1.1 200"),
+        "HEAD has no body: {body:?}"
+    );
+    let (code, body, _) = curl(p, "app.test", "/", &["-0"]);
+    assert_eq!((code, body.as_str()), (200, "Hello, world\n"));
+
+    // Keep-alive: two requests, one connection.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{num_connects} ",
+            "-H",
+            "Host: app.test",
+        ])
+        .arg(format!("http://127.0.0.1:{p}/"))
+        .arg(format!("http://127.0.0.1:{p}/"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1 0",
+        "the second request reused the connection"
+    );
+
+    // Default answers.
+    let (code, body, _) = curl(p, "unknown.test", "/", &[]);
+    assert_eq!((code, body.as_str()), (404, "custom: no such site\n"));
+    let (code, body, _) = curl(p, "empty.test", "/", &[]);
+    assert_eq!((code, body.as_str()), (503, "empty cluster\n"));
+    let (code, _, _) = curl(p, "refused.test", "/", &[]);
+    assert_eq!(code, 502);
+    let started = Instant::now();
+    let (code, _, _) = curl(p, "echo.test", "/sleep/3000", &[]);
+    assert_eq!(code, 504);
+    assert!(
+        started.elapsed() < Duration::from_millis(2900),
+        "answered at the 1 s backend timeout"
+    );
+
+    // Pipelined requests are answered in order.
+    let reply = raw_exchange(
+        p,
+        b"GET /first HTTP/1.1\r\nHost: echo.test\r\n\r\nGET /second HTTP/1.1\r\nHost: echo.test\r\n\r\nGET /third HTTP/1.1\r\nHost: echo.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    let (a, b, c) = (reply.find("/first"), reply.find("/second"), reply.find("/third"));
+    assert!(a.is_some() && a < b && b < c, "{reply}");
+    assert_eq!(reply.matches("HTTP/1.1 200 OK").count(), 3, "{reply}");
+    drop(s.nginx);
+    let _ = s.echo;
+}
+
+#[test]
+fn smuggling_and_malformed_requests_are_refused_and_no_worker_dies() {
+    let Some(s) = setup("smuggling", 1) else { return };
+    let p = s.port;
+    let before = s.rampart.worker_pids();
+    let t = Duration::from_secs(5);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "Content-Length with Transfer-Encoding",
+            b"POST / HTTP/1.1\r\nHost: echo.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                .to_vec(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "differing Content-Length",
+            b"POST / HTTP/1.1\r\nHost: echo.test\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde".to_vec(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "obs-fold",
+            b"GET / HTTP/1.1\r\nHost: echo.test\r\nX-Long: a\r\n b\r\n\r\n".to_vec(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "control byte in a header",
+            b"GET / HTTP/1.1\r\nHost: echo.test\r\nX-Bad: a\x01b\r\n\r\n".to_vec(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "space before the colon",
+            b"GET / HTTP/1.1\r\nHost: echo.test\r\nContent-Length : 0\r\n\r\n".to_vec(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "garbage",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n".to_vec(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "request line too long",
+            format!("GET /{} HTTP/1.1\r\nHost: echo.test\r\n\r\n", "a".repeat(20_000)).into_bytes(),
+            "HTTP/1.1 414",
+        ),
+        (
+            "headers too large",
+            format!(
+                "GET / HTTP/1.1\r\nHost: echo.test\r\n{}\r\n",
+                "X-Filler: 0123456789012345678901234567890123456789\r\n".repeat(400)
+            )
+            .into_bytes(),
+            "HTTP/1.1 431",
+        ),
+    ];
+    for (name, bytes, expected) in cases {
+        let started = Instant::now();
+        let reply = raw_exchange(p, &bytes, t);
+        assert!(reply.starts_with(expected), "{name}: got {reply:?}");
+        assert!(
+            reply.contains("Connection: close"),
+            "{name}: the connection is closed after the error"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{name}: the proxy closed the connection itself"
+        );
+        // A smuggled request never reaches the backend as a second request.
+        assert!(!reply.contains("\"method\""), "{name}: reached the backend: {reply}");
+    }
+    // The connection stays usable after a valid request.
+    let reply = raw_exchange(p, b"GET /ok HTTP/1.1\r\nHost: echo.test\r\n\r\nGET /again HTTP/1.1\r\nHost: echo.test\r\nConnection: close\r\n\r\n", t);
+    assert_eq!(reply.matches("HTTP/1.1 200 OK").count(), 2, "{reply}");
+    assert_eq!(s.rampart.worker_pids(), before, "no worker died");
+}
+
+fn vm_hwm_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_one_gib_download_streams_through_bounded_memory() {
+    let Some(s) = setup("download", 1) else { return };
+    let file = s.nginx.dir.path().join("www/big");
+    let f = std::fs::File::create(&file).unwrap();
+    f.set_len(1 << 30).unwrap();
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "120",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            "-H",
+            "Host: app.test",
+        ])
+        .arg(format!("http://127.0.0.1:{}/files/big", s.port))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("200 {}", 1u64 << 30));
+    for pid in s.rampart.worker_pids() {
+        let peak = vm_hwm_kib(pid);
+        assert!(
+            peak > 0 && peak < 64 * 1024,
+            "worker {pid} peaked at {peak} KiB for a 1 GiB body"
+        );
+    }
+}
+
+#[test]
+fn reconfiguration_under_load_fails_no_request() {
+    if !require_tool("reconfiguration", "wrk") {
+        return;
+    }
+    let Some(s) = setup("reconfig", 2) else { return };
+    let second = Nginx::start("reconfig-2", "location / { return 200 \"Hello, world\\n\"; }").unwrap();
+    let p = s.port;
+    let wrk = Command::new("wrk")
+        .args(["-t1", "-c20", "-d6s", "-H", "Host: app.test"])
+        .arg(format!("http://127.0.0.1:{p}/"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let r = &s.rampart;
+    // The second nginx's port is not among the workers' connect ports: the change is refused
+    // with a reason, and nothing breaks.
+    let refused = r.try_ctl(&[
+        "backend",
+        "add",
+        "--cluster",
+        "app",
+        "--address",
+        &format!("127.0.0.1:{}", second.port),
+    ]);
+    assert!(refused.unwrap_err().contains("may not connect to port"));
+    r.ctl(&[
+        "backend",
+        "add",
+        "--cluster",
+        "app",
+        "--id",
+        "same",
+        "--address",
+        &format!("127.0.0.1:{}", s.echo.port),
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    r.ctl(&["backend", "remove", "--cluster", "app", "--id", "same"]);
+    std::thread::sleep(Duration::from_millis(300));
+    r.ctl(&["cluster", "add", "extra"]);
+    r.ctl(&[
+        "backend",
+        "add",
+        "--cluster",
+        "extra",
+        "--address",
+        &format!("127.0.0.1:{}", s.nginx.port),
+    ]);
+    r.ctl(&[
+        "frontend",
+        "http",
+        "add",
+        "--address",
+        &format!("127.0.0.1:{p}"),
+        "--hostname",
+        "extra.test",
+        "--cluster",
+        "extra",
+    ]);
+    let (code, _, _) = curl(p, "extra.test", "/", &[]);
+    assert_eq!(code, 200);
+    r.ctl(&[
+        "frontend",
+        "http",
+        "remove",
+        "--address",
+        &format!("127.0.0.1:{p}"),
+        "--hostname",
+        "extra.test",
+        "--cluster",
+        "extra",
+    ]);
+    r.ctl(&["cluster", "remove", "extra"]);
+    // apply: the file plus one more backend for `app` and a new cluster, as one batch.
+    let text = std::fs::read_to_string(&r.config).unwrap().replace(
+        &format!("backends = [ {{ address = \"127.0.0.1:{}\" }} ]\nfrontends = [ {{ address = \"127.0.0.1:{p}\", hostname = \"app.test\" }} ]", s.nginx.port),
+        &format!(
+            "backends = [ {{ address = \"127.0.0.1:{}\" }}, {{ address = \"127.0.0.1:{}\", id = \"via-echo-port\" }} ]\nfrontends = [ {{ address = \"127.0.0.1:{p}\", hostname = \"app.test\" }} ]",
+            s.nginx.port, s.echo.port
+        ),
+    );
+    let changed = r.dir.path().join("changed.toml");
+    std::fs::write(&changed, text).unwrap();
+    let dry = r.ctl(&["apply", "-f", changed.to_str().unwrap(), "--dry-run"]);
+    assert!(dry.contains("via-echo-port"), "{dry}");
+    r.ctl(&["apply", "-f", changed.to_str().unwrap()]);
+    let out = wrk.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("requests in"), "{report}");
+    assert!(
+        !report.contains("Non-2xx"),
+        "failed requests under reconfiguration:\n{report}"
+    );
+    assert!(
+        !report.contains("Socket errors"),
+        "socket errors under reconfiguration:\n{report}"
+    );
+}
+
+#[test]
+fn a_killed_worker_is_replaced_and_its_sibling_keeps_serving() {
+    let Some(s) = setup("kill", 2) else { return };
+    let before = s.rampart.worker_pids();
+    assert_eq!(before.len(), 2);
+    let victim = before[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    // Requests keep succeeding (new connections wait in the kernel queue of the dead worker's
+    // socket, which the supervisor keeps, or go to the sibling).
+    let mut replaced_after = None;
+    while killed.elapsed() < Duration::from_secs(3) {
+        let (code, _, _) = curl(s.port, "app.test", "/", &[]);
+        assert_eq!(code, 200);
+        let pids = s.rampart.worker_pids();
+        if replaced_after.is_none() && pids.len() == 2 && !pids.contains(&victim) {
+            replaced_after = Some(killed.elapsed());
+        }
+    }
+    let after = replaced_after.expect("a new worker replaced the killed one");
+    assert!(after < Duration::from_secs(1), "replaced after {after:?}");
+    assert!(
+        s.rampart
+            .log_text()
+            .contains(&format!("(pid {victim}) killed by signal SIGKILL")),
+        "{}",
+        s.rampart.log_text()
+    );
+    // The new worker serves from the same listening socket: every request of a burst succeeds.
+    for _ in 0..20 {
+        assert_eq!(curl(s.port, "app.test", "/", &[]).0, 200);
+    }
+}
+
+#[test]
+fn every_worker_is_jailed_as_seen_from_proc() {
+    let Some(s) = setup("jailed", 2) else { return };
+    let root = nix::unistd::Uid::effective().is_root();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    if !root {
+        rampart_tests::skip(
+            "every_worker_is_jailed_as_seen_from_proc",
+            "reading a non-dumpable worker's /proc needs root",
+        );
+        return;
+    }
+    for pid in s.rampart.worker_pids() {
+        let expect = rampart_sandbox::inspect::Expectation {
+            uid: Some(nobody.uid.as_raw()),
+            gid: None,
+            max_fds: None,
+            allow_bounding: false,
+        };
+        let facts =
+            rampart_sandbox::inspect::verify_jailed(pid, &expect).unwrap_or_else(|v| panic!("worker {pid}: {v:?}"));
+        assert_eq!(facts.seccomp, 2);
+        assert!(facts.no_new_privs);
+        assert_eq!(facts.environment_bytes, 0);
+    }
+}
+
+/// The README quickstart, as written: `rampart start` with the embedded configuration, then a
+/// cluster with one backend added through the command socket, then curl.
+#[test]
+fn embedded_default_and_readme_quickstart() {
+    if !require_root("embedded_default_and_readme_quickstart") {
+        return;
+    }
+    if std::net::TcpListener::bind("127.0.0.1:8080").is_err() || std::net::TcpListener::bind("127.0.0.1:8000").is_err()
+    {
+        rampart_tests::skip("embedded_default_and_readme_quickstart", "port 8080 or 8000 is in use");
+        return;
+    }
+    let _backend = EchoBackend::start_on(8000);
+    let log = rampart_tests::TempDir::new("quickstart");
+    let mut child = Command::new(rampart_tests::rampart_bin())
+        .arg("start")
+        .stdout(std::fs::File::create(log.path().join("log")).unwrap())
+        .stderr(std::fs::File::create(log.path().join("err")).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(&mut child);
+    let rampart = |args: &[&str]| Command::new(rampart_tests::rampart_bin()).args(args).output().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !rampart(&["status"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "rampart start did not come up: {}",
+            std::fs::read_to_string(log.path().join("err")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        curl(8080, "localhost", "/", &[]).0,
+        404,
+        "the default configuration has no site yet"
+    );
+    for args in [
+        &["cluster", "add", "demo"][..],
+        &["backend", "add", "--cluster", "demo", "--address", "127.0.0.1:8000"][..],
+        &[
+            "frontend",
+            "http",
+            "add",
+            "--address",
+            "127.0.0.1:8080",
+            "--hostname",
+            "localhost",
+            "--cluster",
+            "demo",
+        ][..],
+    ] {
+        let out = rampart(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (code, body, _) = curl(8080, "localhost", "/", &[]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["port"], 8000);
+}
