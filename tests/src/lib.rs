@@ -326,9 +326,10 @@ pub struct EchoBackend {
     pub port: u16,
 }
 
-fn read_request(
-    stream: &mut std::io::BufReader<std::net::TcpStream>,
-) -> Option<(String, String, Vec<(String, String)>, usize)> {
+/// Method, path, headers and body length of one request.
+type Received = (String, String, Vec<(String, String)>, usize);
+
+fn read_request(stream: &mut std::io::BufReader<std::net::TcpStream>) -> Option<Received> {
     use std::io::{BufRead, Read};
     let mut line = String::new();
     if stream.read_line(&mut line).ok()? == 0 {
