@@ -401,6 +401,26 @@ impl EchoBackend {
                     let mut writer = stream.try_clone().unwrap();
                     let mut reader = std::io::BufReader::new(stream);
                     while let Some((method, path, headers, body)) = read_request(&mut reader) {
+                        if path == "/upgrade" {
+                            // Switch protocols, then echo bytes back upper-cased until the client closes.
+                            use std::io::Read;
+                            let head =
+                                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n";
+                            if writer.write_all(head).is_err() {
+                                break;
+                            }
+                            let mut buf = [0u8; 4096];
+                            loop {
+                                match reader.read(&mut buf) {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => {
+                                        if writer.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
+                                            return;
+                                        }
+                                    }
+                                }
+                            }
+                        }
                         if let Some(ms) = path.strip_prefix("/sleep/").and_then(|m| m.parse::<u64>().ok()) {
                             std::thread::sleep(std::time::Duration::from_millis(ms));
                         }

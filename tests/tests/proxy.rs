@@ -580,3 +580,106 @@ fn embedded_default_and_readme_quickstart() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(json(&body)["port"], 8000);
 }
+
+/// rampart in front of two echo backends with the given cluster options.
+fn two_backends(name: &str, cluster_options: &str, listener_options: &str) -> (Rampart, u16, EchoBackend, EchoBackend) {
+    let (a, b) = (EchoBackend::start(), EchoBackend::start());
+    let port = free_port();
+    let config = format!(
+        r#"{head}
+[[listeners]]
+address = "127.0.0.1:{port}"
+{listener_options}
+
+[clusters.pair]
+{cluster_options}
+backends = [ {{ address = "127.0.0.1:{a}" }}, {{ address = "127.0.0.1:{b}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "pair.test" }} ]
+"#,
+        head = config_head(std::path::Path::new("{dir}"), 1),
+        a = a.port,
+        b = b.port,
+    );
+    (Rampart::start(name, &config), port, a, b)
+}
+
+#[test]
+fn round_robin_alternates_and_sticky_sessions_stick() {
+    if !require_tool("balancing", "curl") {
+        return;
+    }
+    let (_r, port, a, b) = two_backends("round-robin", "", "");
+    let ports: Vec<u64> = (0..4)
+        .map(|_| json(&curl(port, "pair.test", "/", &[]).1)["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ports.iter().filter(|p| **p == u64::from(a.port)).count(),
+        2,
+        "{ports:?}"
+    );
+    assert_eq!(
+        ports.iter().filter(|p| **p == u64::from(b.port)).count(),
+        2,
+        "{ports:?}"
+    );
+
+    let (_r, port, _a, _b) = two_backends("sticky", "sticky_session = true", "");
+    let (_, body, headers) = curl(port, "pair.test", "/", &[]);
+    let first = json(&body)["port"].as_u64().unwrap();
+    let cookie = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("Set-Cookie: "))
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_else(|| panic!("no sticky cookie in {headers}"))
+        .to_string();
+    assert!(cookie.starts_with("RAMPARTID="), "{cookie}");
+    for _ in 0..6 {
+        let (_, body, _) = curl(port, "pair.test", "/", &["-H", &format!("Cookie: {cookie}")]);
+        assert_eq!(
+            json(&body)["port"].as_u64().unwrap(),
+            first,
+            "the cookie pins the backend"
+        );
+    }
+}
+
+#[test]
+fn upgrade_switches_the_connection_to_a_byte_pipe() {
+    let (_r, port, _a, _b) = two_backends("upgrade", "", "");
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: pair.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the 101");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+    for word in ["hello", "websocket frames are just bytes here"] {
+        s.write_all(word.as_bytes()).unwrap();
+        let mut answer = vec![0u8; word.len()];
+        s.read_exact(&mut answer).unwrap();
+        assert_eq!(answer, word.to_ascii_uppercase().as_bytes());
+    }
+}
+
+#[test]
+fn a_slow_request_gets_408() {
+    let (_r, port, _a, _b) = two_backends("slowloris", "", "timeouts = { request = 1 }");
+    let started = Instant::now();
+    let reply = raw_exchange(
+        port,
+        b"GET / HTTP/1.1\r\nHost: pair.test\r\nX-Slow: ",
+        Duration::from_secs(5),
+    );
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+}

@@ -1007,10 +1007,10 @@ impl HttpSession {
             self.req.storage.consume(parsed);
         }
         self.req.storage.head = self.req.storage.end;
-        if b.writable {
+        if b.writable && !self.req.storage.data().is_empty() {
             match write_raw(&mut b.stream, &mut self.req) {
                 Io::Data => progress = true,
-                Io::Blocked => {}
+                Io::Blocked => b.writable = false,
                 Io::Closed | Io::Failed => return Step::Close,
             }
             self.req.storage.head = self.req.storage.end;
@@ -1035,7 +1035,7 @@ impl HttpSession {
             self.resp.storage.consume(parsed);
         }
         self.resp.storage.head = self.resp.storage.end;
-        if self.front_writable {
+        if self.front_writable && !self.resp.storage.data().is_empty() {
             match write_raw(&mut self.front, &mut self.resp) {
                 Io::Data => progress = true,
                 Io::Blocked => self.front_writable = false,
