@@ -813,6 +813,7 @@ fn check_report(report: &JailReport, pid: i32) -> Result<(), String> {
         // stdin, stdout, stderr, the channel, the epoll descriptor.
         max_fds: Some(5),
         allow_bounding: !is_root(),
+        skip_private: false,
     };
     if is_root() {
         if let Err(v) = rampart_sandbox::inspect::verify_jailed(pid, &expect) {

@@ -499,6 +499,7 @@ fn every_worker_is_jailed_as_seen_from_proc() {
             gid: None,
             max_fds: None,
             allow_bounding: false,
+            skip_private: false,
         };
         let facts =
             rampart_sandbox::inspect::verify_jailed(pid, &expect).unwrap_or_else(|v| panic!("worker {pid}: {v:?}"));

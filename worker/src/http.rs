@@ -268,16 +268,21 @@ enum Io {
     Failed,
 }
 
-fn read_into(stream: &mut TcpStream, kawa: &mut Kawa<Checkout>) -> Io {
+/// Reads what fits. `drained` is set when the read returned less than the room it had: the
+/// socket is then empty, and with edge-triggered readiness a new event will announce new bytes,
+/// so the caller can skip the read that would only say EAGAIN.
+fn read_into(stream: &mut TcpStream, kawa: &mut Kawa<Checkout>, drained: &mut bool) -> Io {
     let space = kawa.storage.space();
     if space.is_empty() {
         return Io::Blocked;
     }
+    let room = space.len();
     loop {
         match stream.read(space) {
             Ok(0) => return Io::Closed,
             Ok(n) => {
                 kawa.storage.fill(n);
+                *drained = n < room;
                 return Io::Data;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -472,8 +477,9 @@ impl HttpSession {
         if !self.front_readable || self.front_closed {
             return Io::Blocked;
         }
-        let result = read_into(&mut self.front, &mut self.req);
-        if matches!(result, Io::Blocked) && !self.req.storage.space().is_empty() {
+        let mut drained = false;
+        let result = read_into(&mut self.front, &mut self.req, &mut drained);
+        if drained || (matches!(result, Io::Blocked) && !self.req.storage.space().is_empty()) {
             self.front_readable = false;
         }
         result
@@ -489,6 +495,10 @@ impl HttpSession {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => b.readable = false,
                 _ => self.drop_backend(ctx),
             }
+        }
+        if !self.hold_buffers() {
+            // Every buffer is in use: the request waits in the socket until one frees.
+            return Step::Blocked;
         }
         if self.req.storage.unparsed_data().is_empty() {
             match self.read_front() {
@@ -807,8 +817,12 @@ impl HttpSession {
             && let Some(b) = &mut self.back
             && b.readable
         {
-            match read_into(&mut b.stream, &mut self.resp) {
+            let mut drained = false;
+            match read_into(&mut b.stream, &mut self.resp, &mut drained) {
                 Io::Data => {
+                    if drained {
+                        b.readable = false;
+                    }
                     let mut callbacks = ResponseCallbacks {
                         head: self.facts.head,
                         request_id: &self.facts.request_id,
@@ -940,7 +954,23 @@ impl HttpSession {
         self.request_began = None;
         self.phase = Phase::Request;
         self.deadline = self.idle_deadline(ctx);
+        self.release_idle_buffers();
         Step::Progress
+    }
+
+    /// Between requests, with nothing buffered, the buffers go back to the pool.
+    fn release_idle_buffers(&mut self) {
+        if self.req.storage.is_empty() && self.resp.storage.is_empty() {
+            self.req.storage.clear();
+            self.resp.storage.clear();
+            self.req.storage.buffer.release();
+            self.resp.storage.buffer.release();
+        }
+    }
+
+    /// Takes the buffers back before reading a new request; false when the pool is exhausted.
+    fn hold_buffers(&mut self) -> bool {
+        self.req.storage.buffer.reacquire() && self.resp.storage.buffer.reacquire()
     }
 
     fn step_answer(&mut self, _ctx: &mut Context<'_>) -> Step {
@@ -988,7 +1018,7 @@ impl HttpSession {
         // Client → backend: whatever the client sent after the upgrade request is in the request
         // buffer past the parsed part.
         if self.front_readable {
-            match read_into(&mut self.front, &mut self.req) {
+            match read_into(&mut self.front, &mut self.req, &mut false) {
                 Io::Data => progress = true,
                 Io::Blocked => {
                     if !self.req.storage.space().is_empty() {
@@ -1016,7 +1046,7 @@ impl HttpSession {
             self.req.storage.head = self.req.storage.end;
         }
         if b.readable {
-            match read_into(&mut b.stream, &mut self.resp) {
+            match read_into(&mut b.stream, &mut self.resp, &mut false) {
                 Io::Data => progress = true,
                 Io::Blocked => {
                     if !self.resp.storage.space().is_empty() {

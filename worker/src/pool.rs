@@ -49,22 +49,73 @@ impl Pool {
     }
 }
 
-/// A buffer on loan from the pool; returned when dropped.
+/// A buffer on loan from the pool; returned when dropped. An idle connection can give its
+/// buffer back early ([`release`](Checkout::release)) and take one again when bytes arrive
+/// ([`reacquire`](Checkout::reacquire)), so that thousands of idle keep-alive clients cost no
+/// buffer memory.
 #[derive(Debug)]
 pub struct Checkout {
     buf: Box<[u8]>,
     pool: Pool,
 }
 
-impl Drop for Checkout {
-    fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.buf);
-        let mut inner = self.pool.0.borrow_mut();
+impl Checkout {
+    /// Whether the buffer is held (a released one is empty).
+    pub fn is_held(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Gives the buffer back to the pool; the checkout becomes an empty slice.
+    pub fn release(&mut self) {
+        if self.is_held() {
+            let buf = std::mem::take(&mut self.buf);
+            self.pool.give_back(buf);
+        }
+    }
+
+    /// Takes a buffer again after [`release`](Checkout::release). False when the pool is at its cap.
+    pub fn reacquire(&mut self) -> bool {
+        if self.is_held() {
+            return true;
+        }
+        match self.pool.take() {
+            Some(buf) => {
+                self.buf = buf;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Pool {
+    fn take(&self) -> Option<Box<[u8]>> {
+        let mut inner = self.0.borrow_mut();
+        if inner.outstanding >= inner.cap {
+            return None;
+        }
+        inner.outstanding += 1;
+        Some(
+            inner
+                .free
+                .pop()
+                .unwrap_or_else(|| vec![0u8; inner.size].into_boxed_slice()),
+        )
+    }
+
+    fn give_back(&self, buf: Box<[u8]>) {
+        let mut inner = self.0.borrow_mut();
         inner.outstanding = inner.outstanding.saturating_sub(1);
         // Keep a bounded number of idle buffers.
-        if inner.free.len() < 1024 {
+        if inner.free.len() < 256 {
             inner.free.push(buf);
         }
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
