@@ -292,19 +292,50 @@ fn read_into(stream: &mut TcpStream, kawa: &mut Kawa<Checkout>, drained: &mut bo
     }
 }
 
+thread_local! {
+    /// Where many small pieces (a header block is four slices per header) are gathered into
+    /// one write: the kernel copies one buffer faster than forty iovecs.
+    static GATHER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(GATHER_LIMIT));
+}
+const GATHER_LIMIT: usize = 8192;
+
 fn write_from(stream: &mut TcpStream, kawa: &mut Kawa<Checkout>) -> Io {
     let written = {
         let slices = kawa.as_io_slice();
         if slices.is_empty() {
             return Io::Blocked;
         }
-        loop {
-            match stream.write_vectored(&slices) {
+        let total: usize = slices.iter().map(|s| s.len()).sum();
+        if slices.len() > 4 && total <= GATHER_LIMIT {
+            let result = GATHER.with(|g| {
+                let mut g = g.borrow_mut();
+                g.clear();
+                for slice in &slices {
+                    g.extend_from_slice(slice);
+                }
+                loop {
+                    match stream.write(&g) {
+                        Ok(n) => return Ok(n),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            });
+            match result {
                 Ok(0) => return Io::Closed,
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Io::Blocked,
                 Err(_) => return Io::Failed,
+            }
+        } else {
+            loop {
+                match stream.write_vectored(&slices) {
+                    Ok(0) => return Io::Closed,
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Io::Blocked,
+                    Err(_) => return Io::Failed,
+                }
             }
         }
     };
@@ -495,6 +526,10 @@ impl HttpSession {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => b.readable = false,
                 _ => self.drop_backend(ctx),
             }
+        }
+        if !self.req.storage.buffer.is_held() && !self.front_readable {
+            // Idle between requests: no buffer until bytes arrive.
+            return Step::Blocked;
         }
         if !self.hold_buffers() {
             // Every buffer is in use: the request waits in the socket until one frees.

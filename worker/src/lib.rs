@@ -414,8 +414,14 @@ impl Worker {
                 .get(&address)
                 .map(|l| l.protocol)
                 .unwrap_or_default();
-            let (Some(a), Some(b)) = (self.pool.checkout(), self.pool.checkout()) else {
-                continue;
+            // HTTP sessions take their buffers when bytes arrive; a TCP pipe needs them now.
+            let (a, b) = if protocol == proto::Protocol::Tcp as i32 {
+                let (Some(a), Some(b)) = (self.pool.checkout(), self.pool.checkout()) else {
+                    continue;
+                };
+                (a, b)
+            } else {
+                (self.pool.deferred(), self.pool.deferred())
             };
             let _ = stream.set_nodelay(true);
             let entry = self.sessions.vacant_entry();

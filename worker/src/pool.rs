@@ -43,6 +43,15 @@ impl Pool {
         })
     }
 
+    /// A checkout that holds no buffer yet: a new connection takes its buffers when its first
+    /// bytes arrive, so connections that only sit open cost none.
+    pub fn deferred(&self) -> Checkout {
+        Checkout {
+            buf: Box::default(),
+            pool: self.clone(),
+        }
+    }
+
     /// Buffers in use.
     pub fn outstanding(&self) -> usize {
         self.0.borrow().outstanding
