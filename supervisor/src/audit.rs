@@ -21,6 +21,8 @@ pub struct Auditor {
     log: Option<AuditLog>,
     policy: AccessPolicy,
     limiter: RateLimiter,
+    policy_file: Option<std::path::PathBuf>,
+    state_dir: std::path::PathBuf,
 }
 
 fn supplementary_groups(pid: i32) -> Vec<u32> {
@@ -74,6 +76,8 @@ impl Auditor {
             log: Some(log),
             policy,
             limiter: RateLimiter::new(),
+            policy_file: config.access_policy.clone(),
+            state_dir: config.state_dir.clone(),
         })
     }
 
@@ -191,6 +195,30 @@ impl Auditor {
 
     pub fn state_path(&self, requested: &str) -> Result<std::path::PathBuf, String> {
         self.policy.state_path(requested).map_err(|e| e.to_string())
+    }
+
+    /// Reads the access policy file again (an admin request, authorized before this call). The
+    /// running policy stays when the file is invalid.
+    pub fn reload_policy(&mut self) -> Result<String, String> {
+        let Some(path) = self.policy_file.clone() else {
+            return Err("no access_policy file is configured: the built-in policy (root and the supervisor's uid are admin) has nothing to reload".into());
+        };
+        let policy = AccessPolicy::load(&path).map_err(|e| format!("the policy was not changed: {e}"))?;
+        self.policy = policy.with_state_dir(&self.state_dir);
+        let message = format!("access policy reloaded from {}", path.display());
+        self.system("policy_reloaded", &message);
+        Ok(message)
+    }
+
+    /// Starts a new audit file, chained to the previous one.
+    pub fn rotate(&mut self) -> Result<String, String> {
+        match &mut self.log {
+            Some(log) => log
+                .rotate()
+                .map(|p| format!("audit log rotated; previous file is {}", p.display()))
+                .map_err(|e| e.to_string()),
+            None => Err("the audit log is closed".into()),
+        }
     }
 
     /// Closes the log with a final checkpoint.

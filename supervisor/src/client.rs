@@ -256,6 +256,8 @@ pub enum ClientCommand {
     /// Print the access policy and worker profile the running supervisor enforces.
     #[command(name = "access")]
     Policy,
+    /// Read the access policy file again (admin only; audited).
+    ReloadPolicy,
     /// Change the log filter of the supervisor and its workers.
     Logging {
         /// A filter such as `info` or `debug`.
@@ -600,6 +602,7 @@ fn to_request(command: &ClientCommand) -> Result<Option<Request>, ClientError> {
         ClientCommand::Shutdown { hard: true } => Kind::HardStop(proto::Empty {}),
         ClientCommand::HealthCheck { action } => health_check_kind(action),
         ClientCommand::Policy => Kind::ShowPolicy(proto::Empty {}),
+        ClientCommand::ReloadPolicy => Kind::ReloadPolicy(proto::Empty {}),
         ClientCommand::Logging { filter } => Kind::SetLoggingLevel(proto::LoggingLevel { filter: filter.clone() }),
         ClientCommand::Metrics { cluster } => Kind::QueryMetrics(proto::MetricsQuery {
             cluster_id: cluster.clone().unwrap_or_default(),

@@ -16,6 +16,15 @@ enum Target {
     Stdout,
     Stderr,
     File(PathBuf, Option<std::fs::File>),
+    /// The local syslog socket; a line that cannot be sent goes to stderr instead.
+    Syslog(Option<std::os::unix::net::UnixDatagram>),
+}
+
+fn syslog_socket() -> Option<std::os::unix::net::UnixDatagram> {
+    let socket = std::os::unix::net::UnixDatagram::unbound().ok()?;
+    socket.connect("/dev/log").ok()?;
+    socket.set_nonblocking(true).ok()?;
+    Some(socket)
 }
 
 pub struct Log {
@@ -38,6 +47,7 @@ impl Log {
         let target = match target {
             "stdout" | "" => Target::Stdout,
             "stderr" => Target::Stderr,
+            "syslog" => Target::Syslog(syslog_socket()),
             path => {
                 let path = PathBuf::from(path);
                 let file = open(&path);
@@ -57,8 +67,10 @@ impl Log {
     }
 
     pub fn reopen(&mut self) {
-        if let Target::File(path, file) = &mut self.target {
-            *file = open(path);
+        match &mut self.target {
+            Target::File(path, file) => *file = open(path),
+            Target::Syslog(socket) => *socket = syslog_socket(),
+            _ => {}
         }
     }
 
@@ -72,13 +84,35 @@ impl Log {
             Level::Info => "INFO",
             Level::Debug => "DEBUG",
         };
+        if let Target::Syslog(socket) = &mut self.target {
+            // Facility daemon (3); severity from the level.
+            let severity = match level {
+                Level::Error => 3,
+                Level::Warn => 4,
+                Level::Info => 6,
+                Level::Debug => 7,
+            };
+            let line = format!(
+                "<{}>rampart[{}]: {name} {message}",
+                3 * 8 + severity,
+                std::process::id()
+            );
+            let sent = socket.as_ref().is_some_and(|s| s.send(line.as_bytes()).is_ok());
+            if !sent {
+                *socket = syslog_socket();
+                if socket.as_ref().is_none_or(|s| s.send(line.as_bytes()).is_err()) {
+                    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+                }
+            }
+            return;
+        }
         let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
         let line = format!("{now} {name} {message}\n");
         let _ = match &mut self.target {
             Target::Stdout => std::io::stdout().write_all(line.as_bytes()),
             Target::Stderr => std::io::stderr().write_all(line.as_bytes()),
             Target::File(_, Some(f)) => f.write_all(line.as_bytes()),
-            Target::File(_, None) => std::io::stderr().write_all(line.as_bytes()),
+            Target::File(_, None) | Target::Syslog(_) => std::io::stderr().write_all(line.as_bytes()),
         };
     }
 

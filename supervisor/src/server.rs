@@ -230,6 +230,7 @@ impl Supervisor {
             Signal::SIGINT,
             Signal::SIGQUIT,
             Signal::SIGHUP,
+            Signal::SIGUSR2,
             Signal::SIGCHLD,
             Signal::SIGPIPE,
         ] {
@@ -573,6 +574,10 @@ impl Supervisor {
                     self.log.reopen();
                     self.log.info("log reopened (SIGHUP)");
                 }
+                Ok(Signal::SIGUSR2) => match self.audit.rotate() {
+                    Ok(message) => self.log.info(&message),
+                    Err(e) => self.log.error(&format!("audit log rotation failed: {e}")),
+                },
                 _ => {}
             }
         }
@@ -1355,6 +1360,7 @@ impl Supervisor {
                 self.begin_stop(true);
                 Ok(("hard stop".into(), None))
             }
+            Some(Kind::ReloadPolicy(_)) => self.audit.reload_policy().map(|m| (m, None)),
             Some(Kind::SetLoggingLevel(level)) => self
                 .log
                 .set_level(&level.filter)

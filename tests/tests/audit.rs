@@ -886,3 +886,105 @@ fn every_record_reaches_syslog_even_across_a_daemon_restart() {
     assert!(text.contains("rampart@32473"), "{text}");
     assert!(text.contains("target=\"cluster b2\""), "{text}");
 }
+
+/// Only an admin can reload the access policy; the reload is audited and takes effect at once.
+#[test]
+fn only_an_admin_reloads_the_policy_and_the_reload_is_audited() {
+    if !can_switch_uid("only_an_admin_reloads_the_policy") {
+        return;
+    }
+    let dir = TempDir::new("policy-reload");
+    let policy = policy_file(&dir, "role = \"viewer\"\n");
+    let r = Rampart::start(
+        "policy-reload",
+        &config(&format!("access_policy = \"{}\"\n", policy.display())),
+    );
+    open_socket_dir(&r);
+    // nobody is a viewer: it may not change anything, nor reload the policy.
+    assert!(
+        as_nobody(&r, &["cluster", "add", "before"])
+            .unwrap_err()
+            .contains("permission denied")
+    );
+    assert!(
+        as_nobody(&r, &["reload-policy"])
+            .unwrap_err()
+            .contains("permission denied")
+    );
+    // The file now makes nobody an admin; root reloads it.
+    std::fs::write(
+        &policy,
+        format!("[[grant]]\nuid = 0\nrole = \"admin\"\n\n[[grant]]\nuid = {NOBODY}\nrole = \"admin\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(rampart_bin())
+        .arg("-s")
+        .arg(&r.socket)
+        .arg("reload-policy")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    as_nobody(&r, &["cluster", "add", "after"]).unwrap();
+    let reloads = records(&audit_log(&r))
+        .into_iter()
+        .filter(|v| v["action"] == "policy_reloaded")
+        .count();
+    assert_eq!(reloads, 1);
+    // A broken file leaves the running policy in place.
+    std::fs::write(&policy, "[[grant]]\nuid = \"zero\"\n").unwrap();
+    let out = Command::new(rampart_bin())
+        .arg("-s")
+        .arg(&r.socket)
+        .arg("reload-policy")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    as_nobody(&r, &["cluster", "remove", "after"]).unwrap();
+}
+
+/// SIGUSR2 rotates the audit log; the chain continues in the new file and both verify.
+#[test]
+fn rotation_keeps_the_chain_across_files() {
+    if !require_root("rotation_keeps_the_chain_across_files") {
+        return;
+    }
+    let dir = TempDir::new("rotation");
+    let key = dir.path().join("audit.key");
+    keygen(&key);
+    let mut r = Rampart::start(
+        "rotation",
+        &config(&format!(
+            "[audit]\nsigning_key = \"{}\"\ncheckpoint_every = 3\n",
+            key.display()
+        )),
+    );
+    r.ctl(&["cluster", "add", "one"]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r.child.id() as i32),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    let rotated = PathBuf::from(format!("{}.1", audit_log(&r).display()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !rotated.exists() {
+        assert!(Instant::now() < deadline, "no rotated file:\n{}", r.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r.ctl(&["cluster", "add", "two"]);
+    stop(&mut r);
+    let pubkey = dir.path().join("audit.key.pub");
+    let out = Command::new(rampart_bin())
+        .args(["audit", "verify"])
+        .arg(&rotated)
+        .arg(audit_log(&r))
+        .arg("--pubkey")
+        .arg(&pubkey)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

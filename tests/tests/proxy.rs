@@ -45,7 +45,7 @@ backend_ports = [{refused}]
 [[listeners]]
 address = "127.0.0.1:{port}"
 answers = {{ "404" = "custom: no such site\n" }}
-timeouts = {{ backend_response = 1 }}
+timeouts = {{ backend_response = 2 }}
 
 [clusters.app]
 backends = [ {{ address = "127.0.0.1:{nginx}" }} ]
@@ -213,11 +213,11 @@ fn requests_responses_and_default_answers() {
     let (code, _, _) = curl(p, "refused.test", "/", &[]);
     assert_eq!(code, 502);
     let started = Instant::now();
-    let (code, _, _) = curl(p, "echo.test", "/sleep/3000", &[]);
+    let (code, _, _) = curl(p, "echo.test", "/sleep/4500", &[]);
     assert_eq!(code, 504);
     assert!(
-        started.elapsed() < Duration::from_millis(2900),
-        "answered at the 1 s backend timeout"
+        started.elapsed() < Duration::from_millis(4400),
+        "answered at the 2 s backend inactivity timeout, before the backend"
     );
 
     // Pipelined requests are answered in order.
@@ -683,4 +683,87 @@ fn a_slow_request_gets_408() {
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
         "{waited:?}"
     );
+}
+
+#[test]
+fn at_max_connections_new_clients_wait_in_the_kernel_queue() {
+    let echo = EchoBackend::start();
+    let port = free_port();
+    let config = format!(
+        r#"{head}max_connections = 2
+
+[[listeners]]
+address = "127.0.0.1:{port}"
+
+[clusters.e]
+backends = [ {{ address = "127.0.0.1:{e}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "e.test" }} ]
+"#,
+        head = config_head(std::path::Path::new("{dir}"), 1),
+        e = echo.port,
+    );
+    let _r = Rampart::start("max-connections", &config);
+    use std::io::{Read, Write};
+    let request = b"GET / HTTP/1.1\r\nHost: e.test\r\n\r\n";
+    let exchange = |s: &mut std::net::TcpStream| -> bool {
+        s.write_all(request).unwrap();
+        let mut buf = [0u8; 4096];
+        matches!(s.read(&mut buf), Ok(n) if n > 0 && buf[..n].starts_with(b"HTTP/1.1 200"))
+    };
+    let mut a = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut b = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(exchange(&mut a) && exchange(&mut b));
+    // The third connection is accepted by the kernel, but the worker does not take it yet.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+    c.write_all(request).unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(c.read(&mut buf).is_err(), "served beyond max_connections");
+    // A slot frees: the waiting client is served, nothing was lost.
+    drop(a);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let n = c.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    drop(b);
+}
+
+#[test]
+fn state_save_dump_and_load_round_trip() {
+    let Some(s) = setup("state", 1) else { return };
+    let r = &s.rampart;
+    let before = r.ctl(&["state", "dump", "--json"]);
+    r.ctl(&["state", "save", "snapshot.jsonl"]);
+    assert!(r.dir.path().join("state/snapshot.jsonl").exists());
+    assert!(
+        r.try_ctl(&["state", "save", "../escape.jsonl"]).is_err(),
+        "state paths stay in the state directory"
+    );
+    r.ctl(&["cluster", "add", "temporary"]);
+    r.ctl(&[
+        "frontend",
+        "http",
+        "remove",
+        "--address",
+        &format!("127.0.0.1:{}", s.port),
+        "--hostname",
+        "app.test",
+        "--cluster",
+        "app",
+    ]);
+    assert_eq!(curl(s.port, "app.test", "/", &[]).0, 404);
+    r.ctl(&["state", "load", "snapshot.jsonl"]);
+    assert_eq!(
+        curl(s.port, "app.test", "/", &[]).0,
+        200,
+        "the loaded state is live in the workers"
+    );
+    let after = r.ctl(&["state", "dump", "--json"]);
+    let hash = |t: &str| json(t)["hash"].as_str().unwrap().to_string();
+    assert_eq!(hash(&before), hash(&after));
 }
