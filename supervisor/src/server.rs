@@ -109,10 +109,14 @@ struct Client {
     closing: bool,
     last_active: Instant,
     idle_timeout: Duration,
+    serial: u64,
 }
 
 struct Pending {
     client: usize,
+    /// The client connection's serial: a slab key is reused after a disconnect, and an answer
+    /// must never reach the connection that took the key over.
+    serial: u64,
     request_id: String,
     waiting: HashSet<u32>,
     deadline: Instant,
@@ -510,7 +514,9 @@ impl Supervisor {
                     missing.join(", "),
                     WORKER_ACK_TIMEOUT.as_secs()
                 );
-                self.respond(p.client, &p.request_id, false, message, None);
+                if self.client_serial(p.client) == Some(p.serial) {
+                    self.respond(p.client, &p.request_id, false, message, None);
+                }
             }
         }
         if let Some(deadline) = self.stop_deadline {
@@ -828,8 +834,15 @@ impl Supervisor {
         }
     }
 
+    fn client_serial(&self, key: usize) -> Option<u64> {
+        self.clients.get(key).map(|c| c.serial)
+    }
+
     fn finish_pending(&mut self, sequence: u64) {
         if let Some(p) = self.pending.remove(&sequence) {
+            if self.client_serial(p.client) != Some(p.serial) {
+                return;
+            }
             if p.failures.is_empty() {
                 self.respond(p.client, &p.request_id, true, p.message, None);
             } else {
@@ -887,7 +900,9 @@ impl Supervisor {
                 closing: false,
                 last_active: Instant::now(),
                 idle_timeout,
+                serial: self.next_sequence,
             });
+            self.next_sequence += 1;
         }
     }
 
@@ -1141,6 +1156,7 @@ impl Supervisor {
             sequence,
             Pending {
                 client: key,
+                serial: self.clients.get(key).map_or(0, |c| c.serial),
                 request_id: id,
                 waiting: workers.into_iter().collect(),
                 deadline: Instant::now() + WORKER_ACK_TIMEOUT,
