@@ -170,6 +170,11 @@ pub struct Config {
     pub log_target: String,
     #[serde(default = "d_log_level")]
     pub log_level: String,
+    /// Keep private keys out of the workers (a separate keyring process signs for them). The
+    /// keyring is not built yet, so HTTPS certificates need `key_isolation = false`, which hands
+    /// keys to the workers.
+    #[serde(default = "d_key_isolation")]
+    pub key_isolation: bool,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
@@ -388,6 +393,9 @@ fn d_log_target() -> String {
 }
 fn d_log_level() -> String {
     defaults::LOG_LEVEL.into()
+}
+fn d_key_isolation() -> bool {
+    true
 }
 fn d_weight() -> u32 {
     defaults::BACKEND_WEIGHT

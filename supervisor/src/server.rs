@@ -41,6 +41,15 @@ const CLIENT_BASE: usize = 100_000;
 /// How long a request waits for every worker's acknowledgement.
 const WORKER_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const KEY_ISOLATION_REFUSAL: &str = "HTTPS certificates need the keyring process that keeps private keys out of the workers, which this version does not have; set `key_isolation = false` to let workers hold the keys";
+
+fn has_certificate(request: &proto::Request) -> bool {
+    match &request.kind {
+        Some(Kind::AddCertificate(_) | Kind::ReplaceCertificate(_)) => true,
+        Some(Kind::Apply(batch)) => batch.requests.iter().any(has_certificate),
+        _ => false,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -60,6 +69,8 @@ pub enum StartError {
     SelfExe(io::Error),
     #[error("--sandbox-off is refused: the configuration requires the sandbox (sandbox.require_landlock = true)")]
     SandboxRequired,
+    #[error("{0}")]
+    KeyIsolation(String),
     #[error("the audit log cannot be opened: {0}")]
     Audit(String),
     #[error("cannot create {}: {source}", path.display())]
@@ -222,6 +233,9 @@ impl Supervisor {
             return Err(StartError::SandboxRequired);
         }
         let state = config.to_state()?;
+        if config.key_isolation && state.certificate_count() > 0 {
+            return Err(StartError::KeyIsolation(KEY_ISOLATION_REFUSAL.into()));
+        }
         std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::Directory {
             path: config.state_dir.clone(),
             source,
@@ -1063,6 +1077,12 @@ impl Supervisor {
 
     fn state_change(&mut self, key: usize, peer: Peer, request: proto::Request) {
         let id = request.id.clone();
+        if self.config.key_isolation && has_certificate(&request) {
+            self.audit
+                .denied(&peer, &request, "key_isolation", KEY_ISOLATION_REFUSAL);
+            self.respond(key, &id, false, KEY_ISOLATION_REFUSAL.into(), None);
+            return;
+        }
         if let ConnectRule::Ports(allowed) = &self.launch.jail.connect
             && !self.launch.jail.sandbox_off
         {

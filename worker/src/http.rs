@@ -18,6 +18,7 @@ use mio::{Interest, Registry, Token};
 use crate::balancer::{Balancers, Rng};
 use crate::pool::Checkout;
 use crate::router::Router;
+use crate::tls::FrontStream;
 use crate::{ListenerInfo, Timeouts};
 
 /// Cookie that pins a client to a backend when the cluster asks for sticky sessions.
@@ -271,7 +272,7 @@ enum Io {
 /// Reads what fits. `drained` is set when the read returned less than the room it had: the
 /// socket is then empty, and with edge-triggered readiness a new event will announce new bytes,
 /// so the caller can skip the read that would only say EAGAIN.
-fn read_into(stream: &mut TcpStream, kawa: &mut Kawa<Checkout>, drained: &mut bool) -> Io {
+fn read_into<S: Read>(stream: &mut S, kawa: &mut Kawa<Checkout>, drained: &mut bool) -> Io {
     let space = kawa.storage.space();
     if space.is_empty() {
         return Io::Blocked;
@@ -299,7 +300,7 @@ thread_local! {
 }
 const GATHER_LIMIT: usize = 8192;
 
-fn write_from(stream: &mut TcpStream, kawa: &mut Kawa<Checkout>) -> Io {
+fn write_from<S: Write>(stream: &mut S, kawa: &mut Kawa<Checkout>) -> Io {
     let written = {
         let slices = kawa.as_io_slice();
         if slices.is_empty() {
@@ -344,7 +345,7 @@ fn write_from(stream: &mut TcpStream, kawa: &mut Kawa<Checkout>) -> Io {
 }
 
 /// Raw copy from one kawa buffer's unconsumed bytes to a socket (pipe mode).
-fn write_raw(stream: &mut TcpStream, kawa: &mut Kawa<Checkout>) -> Io {
+fn write_raw<S: Write>(stream: &mut S, kawa: &mut Kawa<Checkout>) -> Io {
     let data = kawa.storage.data();
     if data.is_empty() {
         return Io::Blocked;
@@ -364,7 +365,7 @@ fn write_raw(stream: &mut TcpStream, kawa: &mut Kawa<Checkout>) -> Io {
 }
 
 pub struct HttpSession {
-    pub front: TcpStream,
+    pub front: FrontStream,
     peer: SocketAddr,
     pub listener: ListenerInfo,
     back_token: Token,
@@ -394,7 +395,7 @@ pub struct HttpSession {
 impl HttpSession {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        front: TcpStream,
+        front: FrontStream,
         peer: SocketAddr,
         listener: ListenerInfo,
         back_token: Token,
@@ -454,7 +455,9 @@ impl HttpSession {
 
     pub fn close(&mut self, ctx: &mut Context<'_>) {
         self.drop_backend(ctx);
-        let _ = ctx.registry.deregister(&mut self.front);
+        if let Some(tcp) = self.front.tcp_mut() {
+            let _ = ctx.registry.deregister(tcp);
+        }
     }
 
     fn idle_deadline(&self, ctx: &Context<'_>) -> Instant {
@@ -510,6 +513,8 @@ impl HttpSession {
         }
         let mut drained = false;
         let result = read_into(&mut self.front, &mut self.req, &mut drained);
+        // TLS may hold decrypted bytes that no socket event will announce.
+        let drained = drained && self.front.pending() == 0;
         if drained || (matches!(result, Io::Blocked) && !self.req.storage.space().is_empty()) {
             self.front_readable = false;
         }
@@ -527,7 +532,10 @@ impl HttpSession {
                 _ => self.drop_backend(ctx),
             }
         }
-        if !self.req.storage.buffer.is_held() && !self.front_readable {
+        if !self.req.storage.buffer.is_held()
+            && !self.front_readable
+            && !matches!(self.front, FrontStream::Handshake(_))
+        {
             // Idle between requests: no buffer until bytes arrive.
             return Step::Blocked;
         }
@@ -1026,7 +1034,7 @@ impl HttpSession {
             }
         }
         if self.close_after {
-            let _ = self.front.shutdown(std::net::Shutdown::Write);
+            self.front.shutdown_write();
             return Step::Close;
         }
         // Keep-alive after an answer to a bodiless request: skip what was parsed of it.

@@ -16,6 +16,7 @@ pub mod http;
 pub mod pool;
 pub mod router;
 pub mod tcp;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -38,6 +39,7 @@ use crate::http::{Context, HttpSession, Status};
 use crate::pool::Pool;
 use crate::router::Router;
 use crate::tcp::TcpSession;
+use crate::tls::{FrontStream, TlsContexts};
 
 /// The descriptor number of the channel in a worker.
 pub const CHANNEL_FD: RawFd = 3;
@@ -152,6 +154,7 @@ struct Worker {
     pool: Pool,
     listeners: Slab<ListenerSocket>,
     sessions: Slab<Session>,
+    tls: TlsContexts,
     max_connections: usize,
     accepting_paused: bool,
     timeouts: Timeouts,
@@ -239,6 +242,7 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         pool: Pool::new(launch.buffer_size as usize, max_connections * 2),
         listeners: Slab::new(),
         sessions: Slab::with_capacity(max_connections.min(4096)),
+        tls: TlsContexts::default(),
         max_connections,
         accepting_paused: false,
         timeouts: Timeouts {
@@ -454,7 +458,16 @@ impl Worker {
                 }
                 continue;
             }
-            let session = HttpSession::new(stream, peer, info, back_token, a, b, now, &self.timeouts);
+            let front = if protocol == proto::Protocol::Https as i32 {
+                match self.tls.accept(&address, stream) {
+                    Some(f) => f,
+                    // No usable certificate on this listener: the connection is refused.
+                    None => continue,
+                }
+            } else {
+                FrontStream::Plain(stream)
+            };
+            let session = HttpSession::new(front, peer, info, back_token, a, b, now, &self.timeouts);
             entry.insert(Session::Http(Box::new(session)));
             self.session_event(key, false, true, true, now);
         }
@@ -549,6 +562,22 @@ impl Worker {
                 Ok(change) => {
                     self.router = Router::from_state(&self.state);
                     self.balancers.update(&self.state);
+                    if matches!(
+                        request.kind,
+                        Some(
+                            RequestKind::AddCertificate(_)
+                                | RequestKind::ReplaceCertificate(_)
+                                | RequestKind::RemoveCertificate(_)
+                                | RequestKind::AddListener(_)
+                                | RequestKind::Apply(_)
+                        )
+                    ) {
+                        let (tls, errors) = TlsContexts::from_state(&self.state);
+                        self.tls = tls;
+                        for e in errors {
+                            self.log(LOG_ERROR, e);
+                        }
+                    }
                     // Listeners the state no longer has are closed (the supervisor keeps its copy).
                     let known: Vec<usize> = self
                         .listeners

@@ -1,0 +1,287 @@
+//! TLS termination with BoringSSL: one context per certificate, chosen by SNI (exact name, then
+//! the most specific `*.` wildcard, then the listener's default certificate: the one whose first
+//! name sorts first, exact names before wildcards), TLS 1.2 minimum (1.3 when the listener asks), ALPN `http/1.1`.
+//!
+//! The contexts are rebuilt from the state when certificates change; connections keep the
+//! context they started with. Certificates arrive as PEM bytes in the state; nothing here reads
+//! a file.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use boring::pkey::PKey;
+use boring::ssl::{
+    AlpnError, HandshakeError, MidHandshakeSslStream, NameType, SniError, Ssl, SslAcceptor, SslContext, SslMethod,
+    SslStream, SslVersion,
+};
+use boring::x509::X509;
+use mio::net::TcpStream;
+use rampart_command::proto;
+use rampart_command::state::State;
+
+/// The contexts of one HTTPS listener.
+struct ListenerContexts {
+    default: SslContext,
+}
+
+/// Every HTTPS listener's contexts.
+#[derive(Default)]
+pub struct TlsContexts {
+    listeners: HashMap<String, ListenerContexts>,
+}
+
+/// Certificate contexts by server name, shared with the SNI callback.
+#[derive(Default)]
+struct Names {
+    exact: HashMap<String, SslContext>,
+    /// `*.example.com` stored as `.example.com`.
+    wildcard: HashMap<String, SslContext>,
+}
+
+impl Names {
+    fn find(&self, name: &str) -> Option<&SslContext> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(ctx) = self.exact.get(&name) {
+            return Some(ctx);
+        }
+        let mut rest = name.as_str();
+        while let Some(dot) = rest.find('.') {
+            let suffix = rest.get(dot..).unwrap_or("");
+            if let Some(ctx) = self.wildcard.get(suffix) {
+                return Some(ctx);
+            }
+            rest = suffix.get(1..).unwrap_or("");
+        }
+        None
+    }
+}
+
+fn alpn<'a>(_: &mut boring::ssl::SslRef, client: &'a [u8]) -> Result<&'a [u8], AlpnError> {
+    boring::ssl::select_next_proto(b"\x08http/1.1", client).ok_or(AlpnError::NOACK)
+}
+
+fn builder(min_version: &str) -> Result<boring::ssl::SslAcceptorBuilder, String> {
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(|e| e.to_string())?;
+    let min = if min_version == "1.3" {
+        SslVersion::TLS1_3
+    } else {
+        SslVersion::TLS1_2
+    };
+    b.set_min_proto_version(Some(min)).map_err(|e| e.to_string())?;
+    b.set_alpn_select_callback(alpn);
+    Ok(b)
+}
+
+/// A context builder serving one certificate.
+fn certificate_builder(
+    cert: &proto::Certificate,
+    min_version: &str,
+) -> Result<boring::ssl::SslAcceptorBuilder, String> {
+    let mut b = builder(min_version)?;
+    let leaf = X509::from_pem(cert.certificate.as_bytes()).map_err(|e| format!("certificate: {e}"))?;
+    b.set_certificate(&leaf).map_err(|e| e.to_string())?;
+    for chain in &cert.chain {
+        for c in X509::stack_from_pem(chain.as_bytes()).map_err(|e| format!("chain: {e}"))? {
+            b.add_extra_chain_cert(c).map_err(|e| e.to_string())?;
+        }
+    }
+    let key = PKey::private_key_from_pem(cert.key.as_bytes()).map_err(|e| format!("key: {e}"))?;
+    b.set_private_key(&key).map_err(|e| e.to_string())?;
+    b.check_private_key()
+        .map_err(|_| "the key does not match the certificate".to_string())?;
+    Ok(b)
+}
+
+impl TlsContexts {
+    /// Builds every HTTPS listener's contexts. Returns the contexts and one message per
+    /// certificate that could not be used.
+    pub fn from_state(state: &State) -> (TlsContexts, Vec<String>) {
+        let mut errors = Vec::new();
+        // Per listener: the contexts by name, and the first certificate (the default).
+        let mut per_listener: HashMap<String, (Names, Option<&proto::Certificate>)> = HashMap::new();
+        for (fingerprint, cert) in state.certificates() {
+            let min = state
+                .listeners()
+                .get(&cert.address)
+                .map(|l| l.tls_min_version.as_str())
+                .unwrap_or("");
+            let ctx = match certificate_builder(cert, min) {
+                Ok(b) => b.build().into_context(),
+                Err(e) => {
+                    errors.push(format!("certificate {fingerprint} on {}: {e}", cert.address));
+                    continue;
+                }
+            };
+            let (names, default) = per_listener.entry(cert.address.clone()).or_default();
+            // The default certificate (no SNI, or an unknown name) is the one whose first name
+            // sorts first, exact names before wildcards: a rule an operator can predict.
+            let first = |c: &proto::Certificate| {
+                let name = c.names.first().cloned().unwrap_or_default();
+                (name.starts_with('*'), name)
+            };
+            if default.is_none_or(|d| first(cert) < first(d)) {
+                *default = Some(cert);
+            }
+            for name in &cert.names {
+                match name.strip_prefix('*') {
+                    Some(suffix) => names.wildcard.insert(suffix.to_string(), ctx.clone()),
+                    None => names.exact.insert(name.clone(), ctx.clone()),
+                };
+            }
+        }
+        let mut listeners = HashMap::new();
+        for (address, (names, default)) in per_listener {
+            let Some(default_cert) = default else { continue };
+            let min = state
+                .listeners()
+                .get(&address)
+                .map(|l| l.tls_min_version.clone())
+                .unwrap_or_default();
+            let names = Arc::new(names);
+            // The listener's context serves the default certificate and, when the client names
+            // a server, switches to that name's context.
+            match certificate_builder(default_cert, &min) {
+                Ok(mut b) => {
+                    let names = Arc::clone(&names);
+                    b.set_servername_callback(move |ssl, _alert| {
+                        let found = ssl.servername(NameType::HOST_NAME).and_then(|n| names.find(n)).cloned();
+                        match found {
+                            Some(ctx) => ssl.set_ssl_context(&ctx).map_err(|_| SniError::ALERT_FATAL),
+                            None => Ok(()),
+                        }
+                    });
+                    listeners.insert(
+                        address,
+                        ListenerContexts {
+                            default: b.build().into_context(),
+                        },
+                    );
+                }
+                Err(e) => errors.push(format!("listener {address}: {e}")),
+            }
+        }
+        (TlsContexts { listeners }, errors)
+    }
+
+    /// Starts the server side of a handshake on a new connection.
+    pub fn accept(&self, listener: &str, stream: TcpStream) -> Option<FrontStream> {
+        let ctx = &self.listeners.get(listener)?.default;
+        let ssl = Ssl::new(ctx).ok()?;
+        Some(match ssl.accept(stream) {
+            Ok(s) => FrontStream::Tls(Box::new(s)),
+            Err(HandshakeError::WouldBlock(mid)) => FrontStream::Handshake(Some(Box::new(mid))),
+            Err(_) => return None,
+        })
+    }
+
+    pub fn serves(&self, listener: &str) -> bool {
+        self.listeners.contains_key(listener)
+    }
+}
+
+/// The client side of a session: plain TCP or TLS.
+pub enum FrontStream {
+    Plain(TcpStream),
+    Handshake(Option<Box<MidHandshakeSslStream<TcpStream>>>),
+    Tls(Box<SslStream<TcpStream>>),
+}
+
+impl FrontStream {
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            FrontStream::Plain(s) => Some(s),
+            FrontStream::Handshake(Some(m)) => Some(m.get_ref()),
+            FrontStream::Handshake(None) => None,
+            FrontStream::Tls(s) => Some(s.get_ref()),
+        }
+    }
+
+    pub fn tcp_mut(&mut self) -> Option<&mut TcpStream> {
+        match self {
+            FrontStream::Plain(s) => Some(s),
+            FrontStream::Handshake(Some(m)) => Some(m.get_mut()),
+            FrontStream::Handshake(None) => None,
+            FrontStream::Tls(s) => Some(s.get_mut()),
+        }
+    }
+
+    /// Bytes already decrypted and waiting in the TLS layer: a read may return them with no
+    /// new socket event.
+    pub fn pending(&self) -> usize {
+        match self {
+            FrontStream::Tls(s) => s.ssl().pending(),
+            _ => 0,
+        }
+    }
+
+    /// Drives the handshake; Ok(true) once it is complete.
+    fn handshake(&mut self) -> io::Result<bool> {
+        let FrontStream::Handshake(mid) = self else {
+            return Ok(true);
+        };
+        let Some(m) = mid.take() else {
+            return Err(io::Error::other("TLS handshake failed earlier"));
+        };
+        match m.handshake() {
+            Ok(s) => {
+                *self = FrontStream::Tls(Box::new(s));
+                Ok(true)
+            }
+            Err(HandshakeError::WouldBlock(m)) => {
+                *mid = Some(Box::new(m));
+                Ok(false)
+            }
+            Err(e) => Err(io::Error::other(format!("TLS handshake: {e}"))),
+        }
+    }
+
+    pub fn shutdown_write(&mut self) {
+        if let FrontStream::Tls(s) = self {
+            let _ = s.shutdown();
+        }
+        if let Some(t) = self.tcp() {
+            let _ = t.shutdown(std::net::Shutdown::Write);
+        }
+    }
+}
+
+impl Read for FrontStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.handshake()? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        match self {
+            FrontStream::Plain(s) => s.read(buf),
+            FrontStream::Tls(s) => s.read(buf),
+            FrontStream::Handshake(_) => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl Write for FrontStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !self.handshake()? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        match self {
+            FrontStream::Plain(s) => s.write(buf),
+            FrontStream::Tls(s) => s.write(buf),
+            FrontStream::Handshake(_) => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            FrontStream::Plain(s) => s.write_vectored(bufs),
+            _ => {
+                let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+                self.write(first)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
