@@ -43,6 +43,14 @@ const WORKER_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const KEY_ISOLATION_REFUSAL: &str = "HTTPS certificates need the keyring process that keeps private keys out of the workers, which this version does not have; set `key_isolation = false` to let workers hold the keys";
 
+/// Seconds since the epoch at which a PEM certificate expires.
+fn not_after(pem: &str) -> Option<i64> {
+    let cert = boring::x509::X509::from_pem(pem.as_bytes()).ok()?;
+    let epoch = boring::asn1::Asn1Time::from_unix(0).ok()?;
+    let diff = epoch.diff(cert.not_after()).ok()?;
+    Some(i64::from(diff.days) * 86_400 + i64::from(diff.secs))
+}
+
 fn has_certificate(request: &proto::Request) -> bool {
     match &request.kind {
         Some(Kind::AddCertificate(_) | Kind::ReplaceCertificate(_)) => true,
@@ -1344,7 +1352,7 @@ impl Supervisor {
                             address: c.address.clone(),
                             fingerprint: fp.to_string(),
                             names: c.names.clone(),
-                            not_after: 0,
+                            not_after: not_after(&c.certificate).unwrap_or(0),
                         })
                         .collect(),
                 })),

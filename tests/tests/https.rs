@@ -154,6 +154,22 @@ frontends = [ {default}, {a}, {wild} ]
         "b.test",
     ]);
     assert!(served_cn(port, Some("b.test")).contains("CN = b.test"));
+    // The list names each certificate with its fingerprint and expiry (2 days from now).
+    let list: serde_json::Value = serde_json::from_str(&r.ctl(&["certificate", "list", "--json"])).unwrap();
+    let certs = list["content"]["certificates"]["certificates"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(certs.len(), 4, "{list}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for c in &certs {
+        let expiry = c["not_after"].as_i64().unwrap();
+        assert!((now + 86_400..now + 3 * 86_400).contains(&expiry), "{c}");
+        assert_eq!(c["fingerprint"].as_str().unwrap().len(), 64);
+    }
 }
 
 #[test]
@@ -182,4 +198,46 @@ fn certificates_are_refused_while_key_isolation_is_on() {
         ])
         .unwrap_err();
     assert!(err.contains("key_isolation = false"), "{err}");
+}
+
+#[test]
+fn a_listener_can_require_tls_1_3() {
+    if !require_tool("tls 1.3", "openssl") || !require_tool("tls 1.3", "curl") {
+        return;
+    }
+    let certs = TempDir::new("https-13");
+    certificate(certs.path(), "a", "a.test");
+    let echo = EchoBackend::start();
+    let port = free_port();
+    let config = format!(
+        r#"{head}key_isolation = false
+
+[[listeners]]
+address = "127.0.0.1:{port}"
+protocol = "https"
+tls_min_version = "1.3"
+
+[clusters.site]
+backends = [ {{ address = "127.0.0.1:{e}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate = "{crt}", key = "{key}" }} ]
+"#,
+        head = config_head(Path::new("{dir}"), 1),
+        e = echo.port,
+        crt = certs.path().join("a.crt").display(),
+        key = certs.path().join("a.key").display(),
+    );
+    let _r = Rampart::start("https-13", &config);
+    let curl = |extra: &[&str]| {
+        Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"])
+            .args(extra)
+            .args(["--resolve", &format!("a.test:{port}:127.0.0.1")])
+            .arg(format!("https://a.test:{port}/"))
+            .output()
+            .unwrap()
+    };
+    let ok = curl(&[]);
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "200");
+    let refused = curl(&["--tls-max", "1.2"]);
+    assert!(!refused.status.success(), "TLS 1.2 accepted by a 1.3-only listener");
 }

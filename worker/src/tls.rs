@@ -61,14 +61,37 @@ fn alpn<'a>(_: &mut boring::ssl::SslRef, client: &'a [u8]) -> Result<&'a [u8], A
     boring::ssl::select_next_proto(b"\x08http/1.1", client).ok_or(AlpnError::NOACK)
 }
 
-fn builder(min_version: &str) -> Result<boring::ssl::SslAcceptorBuilder, String> {
+/// TLS settings of a listener.
+#[derive(Clone, Default)]
+struct Settings {
+    min_version: String,
+    cipher_suites: Vec<String>,
+}
+
+fn settings(state: &State, address: &str) -> Settings {
+    state
+        .listeners()
+        .get(address)
+        .map(|l| Settings {
+            min_version: l.tls_min_version.clone(),
+            cipher_suites: l.cipher_suites.clone(),
+        })
+        .unwrap_or_default()
+}
+
+fn builder(settings: &Settings) -> Result<boring::ssl::SslAcceptorBuilder, String> {
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(|e| e.to_string())?;
-    let min = if min_version == "1.3" {
+    let min = if settings.min_version == "1.3" {
         SslVersion::TLS1_3
     } else {
         SslVersion::TLS1_2
     };
     b.set_min_proto_version(Some(min)).map_err(|e| e.to_string())?;
+    if !settings.cipher_suites.is_empty() {
+        // TLS 1.2 suites; BoringSSL's TLS 1.3 suites are fixed.
+        b.set_cipher_list(&settings.cipher_suites.join(":"))
+            .map_err(|e| format!("cipher_suites {:?}: {e}", settings.cipher_suites))?;
+    }
     b.set_alpn_select_callback(alpn);
     Ok(b)
 }
@@ -76,9 +99,9 @@ fn builder(min_version: &str) -> Result<boring::ssl::SslAcceptorBuilder, String>
 /// A context builder serving one certificate.
 fn certificate_builder(
     cert: &proto::Certificate,
-    min_version: &str,
+    settings: &Settings,
 ) -> Result<boring::ssl::SslAcceptorBuilder, String> {
-    let mut b = builder(min_version)?;
+    let mut b = builder(settings)?;
     let leaf = X509::from_pem(cert.certificate.as_bytes()).map_err(|e| format!("certificate: {e}"))?;
     b.set_certificate(&leaf).map_err(|e| e.to_string())?;
     for chain in &cert.chain {
@@ -101,12 +124,7 @@ impl TlsContexts {
         // Per listener: the contexts by name, and the first certificate (the default).
         let mut per_listener: HashMap<String, (Names, Option<&proto::Certificate>)> = HashMap::new();
         for (fingerprint, cert) in state.certificates() {
-            let min = state
-                .listeners()
-                .get(&cert.address)
-                .map(|l| l.tls_min_version.as_str())
-                .unwrap_or("");
-            let ctx = match certificate_builder(cert, min) {
+            let ctx = match certificate_builder(cert, &settings(state, &cert.address)) {
                 Ok(b) => b.build().into_context(),
                 Err(e) => {
                     errors.push(format!("certificate {fingerprint} on {}: {e}", cert.address));
@@ -133,15 +151,10 @@ impl TlsContexts {
         let mut listeners = HashMap::new();
         for (address, (names, default)) in per_listener {
             let Some(default_cert) = default else { continue };
-            let min = state
-                .listeners()
-                .get(&address)
-                .map(|l| l.tls_min_version.clone())
-                .unwrap_or_default();
             let names = Arc::new(names);
             // The listener's context serves the default certificate and, when the client names
             // a server, switches to that name's context.
-            match certificate_builder(default_cert, &min) {
+            match certificate_builder(default_cert, &settings(state, &address)) {
                 Ok(mut b) => {
                     let names = Arc::clone(&names);
                     b.set_servername_callback(move |ssl, _alert| {
