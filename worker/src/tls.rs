@@ -92,6 +92,8 @@ fn builder(settings: &Settings) -> Result<boring::ssl::SslAcceptorBuilder, Strin
         b.set_cipher_list(&settings.cipher_suites.join(":"))
             .map_err(|e| format!("cipher_suites {:?}: {e}", settings.cipher_suites))?;
     }
+    // The server's order (strongest first) wins over the client's.
+    b.set_options(boring::ssl::SslOptions::CIPHER_SERVER_PREFERENCE);
     b.set_alpn_select_callback(alpn);
     Ok(b)
 }
