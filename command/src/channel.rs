@@ -71,6 +71,7 @@ pub fn kind_name(message: &ChannelMessage) -> &'static str {
         Some(Kind::Reply(_)) => "reply",
         Some(Kind::JailReport(_)) => "jail_report",
         Some(Kind::Log(_)) => "log",
+        Some(Kind::TicketKeys(_)) => "ticket_keys",
     }
 }
 

@@ -164,6 +164,25 @@ pub struct Supervisor {
     stop_deadline: Option<Instant>,
     /// Listeners bound by the last change, to hand to the workers once they have the change.
     fresh_listeners: Vec<String>,
+    /// The TLS session ticket key all workers share, and when it was made.
+    ticket_key: Vec<u8>,
+    ticket_key_made: Instant,
+}
+
+/// How long a session ticket key is used before a new one replaces it.
+const TICKET_KEY_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+
+fn new_ticket_key() -> Vec<u8> {
+    let mut key = vec![0u8; 48];
+    // SAFETY: getrandom writes at most key.len() bytes into the buffer.
+    let n = unsafe { libc::getrandom(key.as_mut_ptr().cast(), key.len(), 0) };
+    if n != 48 {
+        // Never seen on Linux for 48 bytes; fall back to the OS random file.
+        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+            let _ = f.read_exact(&mut key);
+        }
+    }
+    key
 }
 
 fn bind_listener(address: &str) -> Result<OwnedFd, StartError> {
@@ -337,6 +356,8 @@ impl Supervisor {
             audit,
             stop_deadline: None,
             fresh_listeners: Vec::new(),
+            ticket_key: new_ticket_key(),
+            ticket_key_made: Instant::now(),
         };
         if sandbox_off {
             supervisor
@@ -497,6 +518,19 @@ impl Supervisor {
     fn tick(&mut self) -> Option<i32> {
         let now = Instant::now();
         self.audit.tick();
+        if now.duration_since(self.ticket_key_made) > TICKET_KEY_LIFETIME {
+            self.ticket_key = new_ticket_key();
+            self.ticket_key_made = now;
+            for id in self.running_workers() {
+                let keys = ChannelMessage {
+                    kind: Some(ChannelKind::TicketKeys(proto::TicketKeys {
+                        key: self.ticket_key.clone(),
+                    })),
+                };
+                self.send(id, keys, None);
+            }
+            self.log.info("TLS session ticket key rotated");
+        }
         // Command connections silent for longer than their idle timeout are closed.
         let idle: Vec<usize> = self
             .clients
@@ -807,7 +841,13 @@ impl Supervisor {
             slot.jail = Some(report);
             slot.run_state = RunState::Running;
         }
-        // The state first, as the same requests the supervisor applied, then the listeners.
+        // The ticket key, the state as the same requests the supervisor applied, the listeners.
+        let keys = ChannelMessage {
+            kind: Some(ChannelKind::TicketKeys(proto::TicketKeys {
+                key: self.ticket_key.clone(),
+            })),
+        };
+        self.send(id, keys, None);
         for request in self.state.to_requests() {
             self.send_order(id, 0, request);
         }

@@ -241,3 +241,60 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
     let refused = curl(&["--tls-max", "1.2"]);
     assert!(!refused.status.success(), "TLS 1.2 accepted by a 1.3-only listener");
 }
+
+/// A session ticket issued by one worker resumes on the others: the supervisor gives every
+/// worker the same ticket key.
+#[test]
+fn sessions_resume_on_any_worker() {
+    if !require_tool("resumption", "openssl") {
+        return;
+    }
+    let certs = TempDir::new("https-resume");
+    certificate(certs.path(), "a", "a.test");
+    let echo = EchoBackend::start();
+    let port = free_port();
+    let config = format!(
+        r#"{head}key_isolation = false
+
+[[listeners]]
+address = "127.0.0.1:{port}"
+protocol = "https"
+
+[clusters.site]
+backends = [ {{ address = "127.0.0.1:{e}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate = "{crt}", key = "{key}" }} ]
+"#,
+        head = config_head(Path::new("{dir}"), 2),
+        e = echo.port,
+        crt = certs.path().join("a.crt").display(),
+        key = certs.path().join("a.key").display(),
+    );
+    let _r = Rampart::start("https-resume", &config);
+    let session = certs.path().join("session.pem");
+    let s_client = |extra: &[&str]| {
+        let out = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-servername",
+                "a.test",
+                "-tls1_2",
+            ])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = s_client(&["-sess_out", session.to_str().unwrap()]);
+    assert!(first.contains("New, TLSv1.2"), "{first}");
+    // Connections land on either worker (SO_REUSEPORT hashes the client port): each resumes.
+    for attempt in 0..10 {
+        let again = s_client(&["-sess_in", session.to_str().unwrap()]);
+        assert!(
+            again.contains("Reused, TLSv1.2"),
+            "attempt {attempt} did not resume:\n{again}"
+        );
+    }
+}

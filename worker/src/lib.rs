@@ -155,6 +155,7 @@ struct Worker {
     listeners: Slab<ListenerSocket>,
     sessions: Slab<Session>,
     tls: TlsContexts,
+    ticket_key: Option<Vec<u8>>,
     max_connections: usize,
     accepting_paused: bool,
     timeouts: Timeouts,
@@ -243,6 +244,7 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         listeners: Slab::new(),
         sessions: Slab::with_capacity(max_connections.min(4096)),
         tls: TlsContexts::default(),
+        ticket_key: None,
         max_connections,
         accepting_paused: false,
         timeouts: Timeouts {
@@ -523,6 +525,10 @@ impl Worker {
                     });
                     self.sync_listeners();
                 }
+                Some(Kind::TicketKeys(keys)) => {
+                    self.ticket_key = Some(keys.key);
+                    self.rebuild_tls();
+                }
                 Some(Kind::Order(order)) => {
                     if let Some(code) = self.order(order) {
                         return Some(code);
@@ -530,6 +536,14 @@ impl Worker {
                 }
                 _ => self.log(LOG_WARN, "unexpected message kind from the supervisor".into()),
             }
+        }
+    }
+
+    fn rebuild_tls(&mut self) {
+        let (tls, errors) = TlsContexts::from_state(&self.state, self.ticket_key.as_deref());
+        self.tls = tls;
+        for e in errors {
+            self.log(LOG_ERROR, e);
         }
     }
 
@@ -572,11 +586,7 @@ impl Worker {
                                 | RequestKind::Apply(_)
                         )
                     ) {
-                        let (tls, errors) = TlsContexts::from_state(&self.state);
-                        self.tls = tls;
-                        for e in errors {
-                            self.log(LOG_ERROR, e);
-                        }
+                        self.rebuild_tls();
                     }
                     // Listeners the state no longer has are closed (the supervisor keeps its copy).
                     let known: Vec<usize> = self

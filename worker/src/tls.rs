@@ -66,21 +66,32 @@ fn alpn<'a>(_: &mut boring::ssl::SslRef, client: &'a [u8]) -> Result<&'a [u8], A
 struct Settings {
     min_version: String,
     cipher_suites: Vec<String>,
+    /// Shared by every worker so that sessions resume on any of them.
+    ticket_key: Option<Vec<u8>>,
 }
 
-fn settings(state: &State, address: &str) -> Settings {
+fn settings(state: &State, address: &str, ticket_key: Option<&[u8]>) -> Settings {
     state
         .listeners()
         .get(address)
         .map(|l| Settings {
             min_version: l.tls_min_version.clone(),
             cipher_suites: l.cipher_suites.clone(),
+            ticket_key: ticket_key.map(<[u8]>::to_vec),
         })
         .unwrap_or_default()
 }
 
 fn builder(settings: &Settings) -> Result<boring::ssl::SslAcceptorBuilder, String> {
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(|e| e.to_string())?;
+    if let Some(key) = &settings.ticket_key {
+        // SAFETY: the context pointer is valid for the builder's lifetime; BoringSSL copies the
+        // bytes (48; the function itself checks the length).
+        let ok = unsafe { boring_sys::SSL_CTX_set_tlsext_ticket_keys(b.as_ptr(), key.as_ptr().cast(), key.len()) };
+        if ok != 1 {
+            return Err(format!("session ticket key of {} bytes refused", key.len()));
+        }
+    }
     let min = if settings.min_version == "1.3" {
         SslVersion::TLS1_3
     } else {
@@ -121,12 +132,12 @@ fn certificate_builder(
 impl TlsContexts {
     /// Builds every HTTPS listener's contexts. Returns the contexts and one message per
     /// certificate that could not be used.
-    pub fn from_state(state: &State) -> (TlsContexts, Vec<String>) {
+    pub fn from_state(state: &State, ticket_key: Option<&[u8]>) -> (TlsContexts, Vec<String>) {
         let mut errors = Vec::new();
         // Per listener: the contexts by name, and the first certificate (the default).
         let mut per_listener: HashMap<String, (Names, Option<&proto::Certificate>)> = HashMap::new();
         for (fingerprint, cert) in state.certificates() {
-            let ctx = match certificate_builder(cert, &settings(state, &cert.address)) {
+            let ctx = match certificate_builder(cert, &settings(state, &cert.address, ticket_key)) {
                 Ok(b) => b.build().into_context(),
                 Err(e) => {
                     errors.push(format!("certificate {fingerprint} on {}: {e}", cert.address));
@@ -156,7 +167,7 @@ impl TlsContexts {
             let names = Arc::new(names);
             // The listener's context serves the default certificate and, when the client names
             // a server, switches to that name's context.
-            match certificate_builder(default_cert, &settings(state, &address)) {
+            match certificate_builder(default_cert, &settings(state, &address, ticket_key)) {
                 Ok(mut b) => {
                     let names = Arc::clone(&names);
                     b.set_servername_callback(move |ssl, _alert| {
