@@ -57,7 +57,7 @@ pub enum ChannelError {
 /// The number of file descriptors a message of this kind carries.
 pub fn expected_fds(message: &ChannelMessage) -> usize {
     match &message.kind {
-        Some(Kind::Listener(_)) => 1,
+        Some(Kind::Listener(_) | Kind::KeyringLink(_)) => 1,
         _ => 0,
     }
 }
@@ -72,6 +72,9 @@ pub fn kind_name(message: &ChannelMessage) -> &'static str {
         Some(Kind::JailReport(_)) => "jail_report",
         Some(Kind::Log(_)) => "log",
         Some(Kind::TicketKeys(_)) => "ticket_keys",
+        Some(Kind::KeyringLink(_)) => "keyring_link",
+        Some(Kind::SignRequest(_)) => "sign_request",
+        Some(Kind::SignReply(_)) => "sign_reply",
     }
 }
 

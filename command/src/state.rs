@@ -207,6 +207,9 @@ pub struct State {
     backend_addresses: BTreeMap<(String, String), String>,
     cluster_frontends: BTreeMap<String, usize>,
     listener_references: BTreeMap<String, usize>,
+    /// A worker's copy under key isolation: certificates arrive without their private key,
+    /// which the keyring holds.
+    keys_elsewhere: bool,
 }
 
 fn protocol_name(p: i32) -> &'static str {
@@ -351,7 +354,7 @@ pub fn certificate_fingerprint(pem: &str) -> Result<String, StateError> {
     Ok(hex::encode(Sha256::digest(&der)))
 }
 
-fn check_certificate(cert: &proto::Certificate) -> Result<String, StateError> {
+fn check_certificate(cert: &proto::Certificate, keys_elsewhere: bool) -> Result<String, StateError> {
     let fingerprint = certificate_fingerprint(&cert.certificate)?;
     for (i, chain) in cert.chain.iter().enumerate() {
         if pem_block(chain, "CERTIFICATE").is_none() {
@@ -360,7 +363,7 @@ fn check_certificate(cert: &proto::Certificate) -> Result<String, StateError> {
             });
         }
     }
-    if pem_block(&cert.key, "PRIVATE KEY").is_none() {
+    if !(keys_elsewhere && cert.key.is_empty()) && pem_block(&cert.key, "PRIVATE KEY").is_none() {
         return Err(StateError::InvalidCertificate {
             reason: "the key is not a PEM private key (`... PRIVATE KEY` block)".into(),
         });
@@ -476,6 +479,14 @@ pub enum LoadError {
 impl State {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A state whose certificates come without private keys (a worker's, under key isolation).
+    pub fn without_keys() -> Self {
+        State {
+            keys_elsewhere: true,
+            ..Self::default()
+        }
     }
 
     pub fn listeners(&self) -> &BTreeMap<String, proto::Listener> {
@@ -929,7 +940,7 @@ impl State {
                 actual: protocol_name(protocol),
             });
         }
-        let fingerprint = check_certificate(c)?;
+        let fingerprint = check_certificate(c, self.keys_elsewhere)?;
         let key = (address.clone(), fingerprint.clone());
         if self.certificates.contains_key(&key) {
             return Err(StateError::DuplicateCertificate { address, fingerprint });

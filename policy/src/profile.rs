@@ -414,6 +414,27 @@ impl Profile {
         }
     }
 
+    /// The keyring's profile: a worker's, without any network. It holds private keys and only
+    /// talks over the socketpairs the supervisor gave it: no socket, connect, accept, bind.
+    pub fn keyring(params: &WorkerJailParams) -> Profile {
+        let mut profile = Profile::from_params(params);
+        profile.landlock.tcp_connect = ConnectRule::Ports(Vec::new());
+        let network = [
+            "socket",
+            "connect",
+            "accept4",
+            "shutdown",
+            "getsockopt",
+            "setsockopt",
+            "getpeername",
+            "getsockname",
+            "recvfrom",
+            "sendto",
+        ];
+        profile.syscalls.retain(|r| !network.contains(&r.name));
+        profile
+    }
+
     /// Readable text for `rampart policy show`.
     pub fn to_text(&self) -> String {
         use std::fmt::Write;

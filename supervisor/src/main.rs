@@ -48,6 +48,14 @@ enum Command {
         #[arg(long)]
         launch: String,
     },
+    /// The keyring process (started by the supervisor, never by hand).
+    #[command(hide = true)]
+    Keyring {
+        #[arg(long)]
+        channel_fd: i32,
+        #[arg(long)]
+        launch: String,
+    },
     /// The audit trail: verify, show, export, keygen.
     Audit {
         #[command(subcommand)]
@@ -96,7 +104,8 @@ fn main() -> ExitCode {
     let (config, json) = (cli.config, cli.json);
     match cli.command {
         Command::Start { sandbox_off } => start(config, sandbox_off),
-        Command::Worker { channel_fd, launch } => worker(channel_fd, &launch),
+        Command::Worker { channel_fd, launch } => worker(channel_fd, &launch, false),
+        Command::Keyring { channel_fd, launch } => worker(channel_fd, &launch, true),
         Command::Audit { command } => rampart_audit::cli::run(command),
         Command::Config {
             action: ConfigAction::Check,
@@ -136,7 +145,7 @@ fn start(path: Option<PathBuf>, sandbox_off: bool) -> ExitCode {
     ExitCode::from(u8::try_from(supervisor.run()).unwrap_or(1))
 }
 
-fn worker(channel_fd: i32, launch: &str) -> ExitCode {
+fn worker(channel_fd: i32, launch: &str, keyring: bool) -> ExitCode {
     let launch: rampart_worker::WorkerLaunch = match serde_json::from_str(launch) {
         Ok(l) => l,
         Err(e) => {
@@ -144,7 +153,12 @@ fn worker(channel_fd: i32, launch: &str) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    ExitCode::from(u8::try_from(rampart_worker::run(channel_fd, launch)).unwrap_or(1))
+    let code = if keyring {
+        rampart_worker::keyring::run(channel_fd, launch)
+    } else {
+        rampart_worker::run(channel_fd, launch)
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 fn load_config(path: &Option<PathBuf>) -> Result<Config, ExitCode> {

@@ -41,7 +41,6 @@ const CLIENT_BASE: usize = 100_000;
 /// How long a request waits for every worker's acknowledgement.
 const WORKER_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-const KEY_ISOLATION_REFUSAL: &str = "HTTPS certificates need the keyring process that keeps private keys out of the workers, which this version does not have; set `key_isolation = false` to let workers hold the keys";
 
 /// Seconds since the epoch at which a PEM certificate expires.
 fn not_after(pem: &str) -> Option<i64> {
@@ -51,11 +50,17 @@ fn not_after(pem: &str) -> Option<i64> {
     Some(i64::from(diff.days) * 86_400 + i64::from(diff.secs))
 }
 
-fn has_certificate(request: &proto::Request) -> bool {
-    match &request.kind {
-        Some(Kind::AddCertificate(_) | Kind::ReplaceCertificate(_)) => true,
-        Some(Kind::Apply(batch)) => batch.requests.iter().any(has_certificate),
-        _ => false,
+/// Removes private keys from a request (what workers receive under key isolation).
+fn strip_keys(request: &mut proto::Request) {
+    match &mut request.kind {
+        Some(Kind::AddCertificate(c)) => c.key.clear(),
+        Some(Kind::ReplaceCertificate(r)) => {
+            if let Some(c) = &mut r.new_certificate {
+                c.key.clear();
+            }
+        }
+        Some(Kind::Apply(batch)) => batch.requests.iter_mut().for_each(strip_keys),
+        _ => {}
     }
 }
 
@@ -77,8 +82,6 @@ pub enum StartError {
     SelfExe(io::Error),
     #[error("--sandbox-off is refused: the configuration requires the sandbox (sandbox.require_landlock = true)")]
     SandboxRequired,
-    #[error("{0}")]
-    KeyIsolation(String),
     #[error("the audit log cannot be opened: {0}")]
     Audit(String),
     #[error("cannot create {}: {source}", path.display())]
@@ -110,8 +113,9 @@ struct WorkerSlot {
     channel: Option<Channel>,
     stderr: Option<std::fs::File>,
     stderr_buf: Vec<u8>,
-    outbox: VecDeque<(ChannelMessage, Option<RawFd>)>,
+    outbox: VecDeque<(ChannelMessage, Option<RawFd>, Option<OwnedFd>)>,
     run_state: RunState,
+    keyring: bool,
     jail: Option<proto::JailReport>,
     started: Instant,
     respawn_at: Option<Instant>,
@@ -260,9 +264,7 @@ impl Supervisor {
             return Err(StartError::SandboxRequired);
         }
         let state = config.to_state()?;
-        if config.key_isolation && state.certificate_count() > 0 {
-            return Err(StartError::KeyIsolation(KEY_ISOLATION_REFUSAL.into()));
-        }
+
         std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::Directory {
             path: config.state_dir.clone(),
             source,
@@ -320,9 +322,13 @@ impl Supervisor {
             backend_connect_timeout: config.timeouts.backend_connect,
             backend_response_timeout: config.timeouts.backend_response,
             shutdown_grace: config.timeouts.shutdown_grace,
+            key_isolation: config.key_isolation,
         };
-        let workers = (0..worker_count)
+        // The keyring, when keys are isolated, takes the slot after the workers.
+        let slots = worker_count + u32::from(config.key_isolation);
+        let workers = (0..slots)
             .map(|id| WorkerSlot {
+                keyring: id >= worker_count,
                 id,
                 pid: None,
                 channel: None,
@@ -368,7 +374,7 @@ impl Supervisor {
             "supervisor_start",
             &format!("pid {}, state {}", std::process::id(), supervisor.state.hash_hex()),
         );
-        for id in 0..worker_count {
+        for id in 0..slots {
             supervisor.spawn(id);
         }
         Ok(supervisor)
@@ -380,6 +386,7 @@ impl Supervisor {
         };
         let mut launch = self.launch.clone();
         launch.id = id;
+        launch.key_isolation = self.config.key_isolation;
         let Ok(launch_json) = serde_json::to_string(&launch) else {
             return;
         };
@@ -405,7 +412,7 @@ impl Supervisor {
         command
             .arg0("rampart-worker")
             .args([
-                "worker",
+                if slot.keyring { "keyring" } else { "worker" },
                 "--channel-fd",
                 &CHANNEL_FD.to_string(),
                 "--launch",
@@ -731,9 +738,58 @@ impl Supervisor {
 
     fn send(&mut self, id: u32, message: ChannelMessage, fd: Option<RawFd>) {
         if let Some(slot) = self.workers.get_mut(id as usize) {
-            slot.outbox.push_back((message, fd));
+            slot.outbox.push_back((message, fd, None));
         }
         self.flush_worker(id);
+    }
+
+    /// Sends a descriptor the message owns (closed once sent).
+    fn send_owned(&mut self, id: u32, message: ChannelMessage, fd: OwnedFd) {
+        if let Some(slot) = self.workers.get_mut(id as usize) {
+            let raw = fd.as_raw_fd();
+            slot.outbox.push_back((message, Some(raw), Some(fd)));
+        }
+        self.flush_worker(id);
+    }
+
+    fn keyring_id(&self) -> Option<u32> {
+        self.workers
+            .iter()
+            .find(|w| w.keyring && w.run_state == RunState::Running)
+            .map(|w| w.id)
+    }
+
+    /// Gives a worker and the keyring the two ends of a new socketpair.
+    fn link_keyring(&mut self, worker: u32) {
+        let Some(keyring) = self.keyring_id() else { return };
+        let (a, b) = match Channel::pair() {
+            Ok(p) => p,
+            Err(e) => {
+                self.log
+                    .error(&format!("worker {worker}: cannot link it to the keyring: {e}"));
+                return;
+            }
+        };
+        // Non-blocking from the start: a jailed process cannot change the flag (no fcntl).
+        if a.set_nonblocking(true).is_err() || b.set_nonblocking(true).is_err() {
+            self.log
+                .error(&format!("worker {worker}: cannot make its keyring link non-blocking"));
+            return;
+        }
+        let link = || ChannelMessage {
+            kind: Some(ChannelKind::KeyringLink(proto::KeyringLink { worker })),
+        };
+        self.send_owned(worker, link(), a.into_fd());
+        self.send_owned(keyring, link(), b.into_fd());
+    }
+
+    /// What a worker receives of a request: under key isolation, certificates without keys.
+    fn for_workers(&self, request: &proto::Request) -> proto::Request {
+        let mut r = request.clone();
+        if self.config.key_isolation {
+            strip_keys(&mut r);
+        }
+        r
     }
 
     fn send_order(&mut self, id: u32, sequence: u64, request: proto::Request) {
@@ -751,7 +807,7 @@ impl Supervisor {
             return;
         };
         let Some(channel) = &slot.channel else { return };
-        while let Some((message, fd)) = slot.outbox.front() {
+        while let Some((message, fd, _)) = slot.outbox.front() {
             // SAFETY: the descriptor is one of ours (a listener kept in `self.listeners`, alive
             // for as long as the listener exists); it is only borrowed for this send.
             let borrowed: Vec<_> = fd
@@ -837,9 +893,23 @@ impl Supervisor {
             "worker {id} (pid {pid}) jailed: uid {} landlock {} (ABI {}) seccomp {} ({} rules)",
             report.uid, report.landlock_status, report.landlock_abi, report.seccomp_mode, report.seccomp_rules
         ));
+        let is_keyring = self.workers.get(id as usize).is_some_and(|w| w.keyring);
         if let Some(slot) = self.workers.get_mut(id as usize) {
             slot.jail = Some(report);
             slot.run_state = RunState::Running;
+        }
+        if is_keyring {
+            // The keys, then a link to every running worker.
+            for request in self.state.to_requests() {
+                if matches!(request.kind, Some(Kind::AddCertificate(_))) {
+                    self.send_order(id, 0, request);
+                }
+            }
+            let workers: Vec<u32> = self.running_workers().into_iter().filter(|w| *w != id).collect();
+            for w in workers {
+                self.link_keyring(w);
+            }
+            return;
         }
         // The ticket key, the state as the same requests the supervisor applied, the listeners.
         let keys = ChannelMessage {
@@ -849,8 +919,10 @@ impl Supervisor {
         };
         self.send(id, keys, None);
         for request in self.state.to_requests() {
+            let request = self.for_workers(&request);
             self.send_order(id, 0, request);
         }
+        self.link_keyring(id);
         let handoffs: Vec<(String, i32, RawFd)> = self
             .listeners
             .iter()
@@ -1125,12 +1197,6 @@ impl Supervisor {
 
     fn state_change(&mut self, key: usize, peer: Peer, request: proto::Request) {
         let id = request.id.clone();
-        if self.config.key_isolation && has_certificate(&request) {
-            self.audit
-                .denied(&peer, &request, "key_isolation", KEY_ISOLATION_REFUSAL);
-            self.respond(key, &id, false, KEY_ISOLATION_REFUSAL.into(), None);
-            return;
-        }
         if let ConnectRule::Ports(allowed) = &self.launch.jail.connect
             && !self.launch.jail.sandbox_off
         {
@@ -1207,7 +1273,13 @@ impl Supervisor {
         self.next_sequence += 1;
         let workers = self.running_workers();
         for w in &workers {
-            self.send_order(*w, sequence, request.clone());
+            let is_keyring = self.workers.get(*w as usize).is_some_and(|s| s.keyring);
+            let r = if is_keyring {
+                request.clone()
+            } else {
+                self.for_workers(&request)
+            };
+            self.send_order(*w, sequence, r);
         }
         self.handoff_new_listeners();
         if workers.is_empty() {
@@ -1319,6 +1391,7 @@ impl Supervisor {
                             pid: w.pid.map_or(0, Pid::as_raw),
                             run_state: w.run_state.name().into(),
                             jail: w.jail.clone(),
+                            role: if w.keyring { "keyring" } else { "worker" }.into(),
                         })
                         .collect(),
                 })),

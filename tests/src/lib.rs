@@ -231,6 +231,7 @@ impl Rampart {
             .as_array()
             .unwrap()
             .iter()
+            .filter(|w| w["role"] != "keyring")
             .filter_map(|w| w["pid"].as_i64())
             .filter(|p| *p > 0)
             .map(|p| p as i32)

@@ -71,9 +71,9 @@ fn sni_alpn_versions_and_forwarded_proto() {
             c(stem, "key")
         )
     };
+    // Key isolation is on (the default): the keyring signs every handshake.
     let config = format!(
-        r#"{head}key_isolation = false
-
+        r#"{head}
 [[listeners]]
 address = "127.0.0.1:{port}"
 protocol = "https"
@@ -138,8 +138,7 @@ frontends = [ {default}, {a}, {wild} ]
         .unwrap();
     assert!(!out.status.success(), "TLS 1.1 was accepted");
 
-    // Certificates cannot be added while keys must stay out of workers... unless the operator
-    // chose otherwise, as here: a new certificate added at runtime is served at once.
+    // A certificate added at runtime is served at once (its key goes to the keyring only).
     certificate(certs.path(), "b", "b.test");
     r.ctl(&[
         "certificate",
@@ -170,34 +169,6 @@ frontends = [ {default}, {a}, {wild} ]
         assert!((now + 86_400..now + 3 * 86_400).contains(&expiry), "{c}");
         assert_eq!(c["fingerprint"].as_str().unwrap().len(), 64);
     }
-}
-
-#[test]
-fn certificates_are_refused_while_key_isolation_is_on() {
-    if !require_tool("key isolation", "openssl") {
-        return;
-    }
-    let certs = TempDir::new("https-isolation");
-    certificate(certs.path(), "a", "a.test");
-    let port = free_port();
-    let config = format!(
-        "{head}\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\nprotocol = \"https\"\n",
-        head = config_head(Path::new("{dir}"), 1)
-    );
-    let r = Rampart::start("https-isolation", &config);
-    let err = r
-        .try_ctl(&[
-            "certificate",
-            "add",
-            "--address",
-            &format!("127.0.0.1:{port}"),
-            "--certificate",
-            &certs.path().join("a.crt").display().to_string(),
-            "--key",
-            &certs.path().join("a.key").display().to_string(),
-        ])
-        .unwrap_err();
-    assert!(err.contains("key_isolation = false"), "{err}");
 }
 
 #[test]
@@ -296,5 +267,163 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
             again.contains("Reused, TLSv1.2"),
             "attempt {attempt} did not resume:\n{again}"
         );
+    }
+}
+
+/// The private key scalar of a PEM EC key, from `openssl pkey -text`.
+fn private_scalar(key: &Path) -> Vec<u8> {
+    let out = Command::new("openssl")
+        .args(["pkey", "-noout", "-text", "-in"])
+        .arg(key)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut hex = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if line.starts_with("priv:") {
+            inside = true;
+            continue;
+        }
+        if inside {
+            if !line.starts_with("    ") {
+                break;
+            }
+            hex.push_str(&line.trim().replace(':', ""));
+        }
+    }
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    // openssl may print a leading zero byte.
+    let bytes = if bytes.len() == 33 && bytes[0] == 0 {
+        bytes[1..].to_vec()
+    } else {
+        bytes
+    };
+    assert_eq!(bytes.len(), 32, "{text}");
+    bytes
+}
+
+/// Whether the key scalar appears anywhere in the readable memory of `pid` (root only), in
+/// big-endian (DER) or little-endian (BoringSSL's BIGNUM words) order.
+fn memory_contains(pid: i32, scalar: &[u8]) -> bool {
+    let reversed: Vec<u8> = scalar.iter().rev().copied().collect();
+    memory_contains_bytes(pid, scalar) || memory_contains_bytes(pid, &reversed)
+}
+
+fn memory_contains_bytes(pid: i32, needle: &[u8]) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (range, perms) = (fields.next().unwrap(), fields.next().unwrap());
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (start, end) = range.split_once('-').unwrap();
+        let (start, end) = (
+            u64::from_str_radix(start, 16).unwrap(),
+            u64::from_str_radix(end, 16).unwrap(),
+        );
+        let mut buf = vec![0u8; (end - start) as usize];
+        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        if buf.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+    false
+}
+
+fn role_pids(r: &Rampart, role: &str) -> Vec<i32> {
+    let v: serde_json::Value = serde_json::from_str(&r.ctl(&["workers", "--json"])).unwrap();
+    v["content"]["workers"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["role"] == role && w["run_state"] == "running")
+        .filter_map(|w| w["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect()
+}
+
+/// Under key isolation the private key is in the keyring's memory and in no worker's, and
+/// handshakes keep working when the keyring is killed and respawned.
+#[test]
+fn private_keys_never_enter_a_worker() {
+    if !rampart_tests::require_root("private_keys_never_enter_a_worker") || !require_tool("keys", "openssl") {
+        return;
+    }
+    let certs = TempDir::new("https-keys");
+    certificate(certs.path(), "a", "a.test");
+    let scalar = private_scalar(&certs.path().join("a.key"));
+    let echo = EchoBackend::start();
+    let port = free_port();
+    let config = format!(
+        r#"{head}
+[[listeners]]
+address = "127.0.0.1:{port}"
+protocol = "https"
+
+[clusters.site]
+backends = [ {{ address = "127.0.0.1:{e}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate = "{crt}", key = "{key}" }} ]
+"#,
+        head = config_head(Path::new("{dir}"), 2),
+        e = echo.port,
+        crt = certs.path().join("a.crt").display(),
+        key = certs.path().join("a.key").display(),
+    );
+    let r = Rampart::start("https-keys", &config);
+    let get = || {
+        Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"])
+            .args(["--resolve", &format!("a.test:{port}:127.0.0.1")])
+            .arg(format!("https://a.test:{port}/"))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap()
+    };
+    for _ in 0..4 {
+        assert_eq!(get(), "200");
+    }
+    let keyring = role_pids(&r, "keyring");
+    assert_eq!(keyring.len(), 1);
+    assert!(
+        memory_contains(keyring[0], &scalar),
+        "the search must find the key where it is"
+    );
+    let workers = role_pids(&r, "worker");
+    assert_eq!(workers.len(), 2);
+    for pid in workers {
+        assert!(
+            !memory_contains(pid, &scalar),
+            "the private key is in worker {pid}'s memory"
+        );
+    }
+    // The keyring dies: a new one replaces it and handshakes work again.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(keyring[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let now_keyring = role_pids(&r, "keyring");
+        if now_keyring.len() == 1 && now_keyring[0] != keyring[0] && get() == "200" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no working keyring after 5 s:\n{}",
+            r.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for _ in 0..4 {
+        assert_eq!(get(), "200");
     }
 }

@@ -13,6 +13,7 @@
 pub mod answers;
 pub mod balancer;
 pub mod http;
+pub mod keyring;
 pub mod pool;
 pub mod router;
 pub mod tcp;
@@ -21,6 +22,7 @@ pub mod tls;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
@@ -57,6 +59,9 @@ pub struct WorkerLaunch {
     pub backend_connect_timeout: u32,
     pub backend_response_timeout: u32,
     pub shutdown_grace: u32,
+    /// Certificates arrive without their keys; the keyring signs.
+    #[serde(default)]
+    pub key_isolation: bool,
 }
 
 /// Global timeouts.
@@ -123,6 +128,7 @@ impl ListenerInfo {
 }
 
 const CHANNEL: Token = Token(0);
+const KEYRING: Token = Token(SESSION_BASE - 1);
 const LISTENER_BASE: usize = 1;
 const SESSION_BASE: usize = 1 << 16;
 const TIMER_TICK: Duration = Duration::from_millis(250);
@@ -156,11 +162,32 @@ struct Worker {
     sessions: Slab<Session>,
     tls: TlsContexts,
     ticket_key: Option<Vec<u8>>,
+    keyring: Option<Channel>,
+    keyring_client: Arc<Mutex<keyring::KeyringClient>>,
     max_connections: usize,
     accepting_paused: bool,
     timeouts: Timeouts,
     stopping: Option<Instant>,
     shutdown_grace: Duration,
+}
+
+/// The report a jailed process sends the supervisor.
+pub fn jail_report(report: &rampart_sandbox::JailReport) -> proto::JailReport {
+    proto::JailReport {
+        uid: report.uid,
+        gid: report.gid,
+        privileged_start: report.privileged_start,
+        cap_effective: report.cap_effective,
+        cap_permitted: report.cap_permitted,
+        cap_bounding: report.cap_bounding,
+        cap_ambient: report.cap_ambient,
+        no_new_privs: report.no_new_privs,
+        landlock_abi: report.landlock_abi,
+        landlock_status: report.landlock_status.as_str().into(),
+        seccomp_mode: report.seccomp_mode.clone(),
+        seccomp_rules: u32::try_from(report.seccomp_rules).unwrap_or(u32::MAX),
+        notes: report.notes.clone(),
+    }
 }
 
 /// The worker's whole life. Returns the process exit code.
@@ -205,21 +232,7 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         }
     };
     let Some(poll) = poll else { return 3 };
-    let jail = proto::JailReport {
-        uid: report.uid,
-        gid: report.gid,
-        privileged_start: report.privileged_start,
-        cap_effective: report.cap_effective,
-        cap_permitted: report.cap_permitted,
-        cap_bounding: report.cap_bounding,
-        cap_ambient: report.cap_ambient,
-        no_new_privs: report.no_new_privs,
-        landlock_abi: report.landlock_abi,
-        landlock_status: report.landlock_status.as_str().into(),
-        seccomp_mode: report.seccomp_mode.clone(),
-        seccomp_rules: u32::try_from(report.seccomp_rules).unwrap_or(u32::MAX),
-        notes: report.notes.clone(),
-    };
+    let jail = jail_report(&report);
     if channel
         .send(
             &ChannelMessage {
@@ -236,7 +249,11 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         id: launch.id,
         poll,
         channel,
-        state: State::new(),
+        state: if launch.key_isolation {
+            State::without_keys()
+        } else {
+            State::new()
+        },
         router: Router::default(),
         balancers: Balancers::default(),
         rng: Rng::new(),
@@ -245,6 +262,8 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         sessions: Slab::with_capacity(max_connections.min(4096)),
         tls: TlsContexts::default(),
         ticket_key: None,
+        keyring: None,
+        keyring_client: Arc::new(Mutex::new(keyring::KeyringClient::default())),
         max_connections,
         accepting_paused: false,
         timeouts: Timeouts {
@@ -300,6 +319,8 @@ impl Worker {
                     if let Some(code) = self.drain_channel() {
                         return code;
                     }
+                } else if token == KEYRING {
+                    self.drain_keyring(now);
                 } else if token.0 < SESSION_BASE {
                     self.accept(token.0 - LISTENER_BASE, now);
                 } else {
@@ -310,6 +331,7 @@ impl Worker {
                     self.session_event(key, back, readable, writable, now);
                 }
             }
+            self.flush_keyring(now);
             if now.duration_since(last_tick) >= TIMER_TICK {
                 last_tick = now;
                 self.expire(now);
@@ -461,7 +483,7 @@ impl Worker {
                 continue;
             }
             let front = if protocol == proto::Protocol::Https as i32 {
-                match self.tls.accept(&address, stream) {
+                match self.tls.accept(&address, stream, key) {
                     Some(f) => f,
                     // No usable certificate on this listener: the connection is refused.
                     None => continue,
@@ -525,6 +547,22 @@ impl Worker {
                     });
                     self.sync_listeners();
                 }
+                Some(Kind::KeyringLink(_)) => {
+                    let Some(fd) = received.fds.into_iter().next() else {
+                        continue;
+                    };
+                    self.keyring_lost(Instant::now(), "a new keyring replaced the old one");
+                    let link = Channel::from(fd);
+                    let raw = link.as_raw_fd();
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut SourceFd(&raw), KEYRING, Interest::READABLE)
+                        .is_ok()
+                    {
+                        self.keyring = Some(link);
+                    }
+                }
                 Some(Kind::TicketKeys(keys)) => {
                     self.ticket_key = Some(keys.key);
                     self.rebuild_tls();
@@ -539,8 +577,76 @@ impl Worker {
         }
     }
 
+    /// Sends the signature requests the handshakes queued; without a keyring they fail at once.
+    fn flush_keyring(&mut self, now: Instant) {
+        let requests: Vec<proto::SignRequest> = match self.keyring_client.lock() {
+            Ok(mut c) => std::mem::take(&mut c.outbox),
+            Err(_) => return,
+        };
+        if requests.is_empty() {
+            return;
+        }
+        let mut failed = false;
+        match &self.keyring {
+            Some(link) => {
+                for r in requests {
+                    if link
+                        .send(
+                            &ChannelMessage {
+                                kind: Some(Kind::SignRequest(r)),
+                            },
+                            &[],
+                        )
+                        .is_err()
+                    {
+                        failed = true;
+                    }
+                }
+            }
+            None => failed = true,
+        }
+        if failed {
+            self.keyring_lost(now, "the keyring is not reachable");
+        }
+    }
+
+    fn keyring_lost(&mut self, now: Instant, why: &str) {
+        if let Some(link) = self.keyring.take() {
+            let raw = link.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        }
+        let sessions = match self.keyring_client.lock() {
+            Ok(mut c) => c.fail_all(why),
+            Err(_) => Vec::new(),
+        };
+        for key in sessions {
+            self.session_event(key, false, true, true, now);
+        }
+    }
+
+    fn drain_keyring(&mut self, now: Instant) {
+        loop {
+            let Some(link) = &self.keyring else { return };
+            let received = match link.recv() {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    self.keyring_lost(now, "the keyring closed its link");
+                    return;
+                }
+                Err(ChannelError::Receive(e)) if e as i32 == libc::EAGAIN => return,
+                Err(_) => continue,
+            };
+            if let Some(Kind::SignReply(reply)) = received.message.kind {
+                let session = self.keyring_client.lock().ok().and_then(|mut c| c.reply(reply));
+                if let Some(key) = session {
+                    self.session_event(key, false, true, true, now);
+                }
+            }
+        }
+    }
+
     fn rebuild_tls(&mut self) {
-        let (tls, errors) = TlsContexts::from_state(&self.state, self.ticket_key.as_deref());
+        let (tls, errors) = TlsContexts::from_state(&self.state, self.ticket_key.as_deref(), &self.keyring_client);
         self.tls = tls;
         for e in errors {
             self.log(LOG_ERROR, e);

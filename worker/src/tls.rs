@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use boring::pkey::PKey;
 use boring::ssl::{
@@ -19,6 +19,8 @@ use boring::x509::X509;
 use mio::net::TcpStream;
 use rampart_command::proto;
 use rampart_command::state::State;
+
+use crate::keyring::{KeyringClient, KeyringMethod};
 
 /// The contexts of one HTTPS listener.
 struct ListenerContexts {
@@ -113,6 +115,7 @@ fn builder(settings: &Settings) -> Result<boring::ssl::SslAcceptorBuilder, Strin
 fn certificate_builder(
     cert: &proto::Certificate,
     settings: &Settings,
+    keyring: &Arc<Mutex<KeyringClient>>,
 ) -> Result<boring::ssl::SslAcceptorBuilder, String> {
     let mut b = builder(settings)?;
     let leaf = X509::from_pem(cert.certificate.as_bytes()).map_err(|e| format!("certificate: {e}"))?;
@@ -121,6 +124,16 @@ fn certificate_builder(
         for c in X509::stack_from_pem(chain.as_bytes()).map_err(|e| format!("chain: {e}"))? {
             b.add_extra_chain_cert(c).map_err(|e| e.to_string())?;
         }
+    }
+    if cert.key.is_empty() {
+        // Key isolation: the keyring signs.
+        let fingerprint =
+            rampart_command::state::certificate_fingerprint(&cert.certificate).map_err(|e| e.to_string())?;
+        b.set_private_key_method(KeyringMethod {
+            fingerprint,
+            client: Arc::clone(keyring),
+        });
+        return Ok(b);
     }
     let key = PKey::private_key_from_pem(cert.key.as_bytes()).map_err(|e| format!("key: {e}"))?;
     b.set_private_key(&key).map_err(|e| e.to_string())?;
@@ -132,12 +145,16 @@ fn certificate_builder(
 impl TlsContexts {
     /// Builds every HTTPS listener's contexts. Returns the contexts and one message per
     /// certificate that could not be used.
-    pub fn from_state(state: &State, ticket_key: Option<&[u8]>) -> (TlsContexts, Vec<String>) {
+    pub fn from_state(
+        state: &State,
+        ticket_key: Option<&[u8]>,
+        keyring: &Arc<Mutex<KeyringClient>>,
+    ) -> (TlsContexts, Vec<String>) {
         let mut errors = Vec::new();
         // Per listener: the contexts by name, and the first certificate (the default).
         let mut per_listener: HashMap<String, (Names, Option<&proto::Certificate>)> = HashMap::new();
         for (fingerprint, cert) in state.certificates() {
-            let ctx = match certificate_builder(cert, &settings(state, &cert.address, ticket_key)) {
+            let ctx = match certificate_builder(cert, &settings(state, &cert.address, ticket_key), keyring) {
                 Ok(b) => b.build().into_context(),
                 Err(e) => {
                     errors.push(format!("certificate {fingerprint} on {}: {e}", cert.address));
@@ -167,7 +184,7 @@ impl TlsContexts {
             let names = Arc::new(names);
             // The listener's context serves the default certificate and, when the client names
             // a server, switches to that name's context.
-            match certificate_builder(default_cert, &settings(state, &address, ticket_key)) {
+            match certificate_builder(default_cert, &settings(state, &address, ticket_key), keyring) {
                 Ok(mut b) => {
                     let names = Arc::clone(&names);
                     b.set_servername_callback(move |ssl, _alert| {
@@ -191,9 +208,10 @@ impl TlsContexts {
     }
 
     /// Starts the server side of a handshake on a new connection.
-    pub fn accept(&self, listener: &str, stream: TcpStream) -> Option<FrontStream> {
+    pub fn accept(&self, listener: &str, stream: TcpStream, session: usize) -> Option<FrontStream> {
         let ctx = &self.listeners.get(listener)?.default;
-        let ssl = Ssl::new(ctx).ok()?;
+        let mut ssl = Ssl::new(ctx).ok()?;
+        crate::keyring::tag_session(&mut ssl, session);
         Some(match ssl.accept(stream) {
             Ok(s) => FrontStream::Tls(Box::new(s)),
             Err(HandshakeError::WouldBlock(mid)) => FrontStream::Handshake(Some(Box::new(mid))),

@@ -1,0 +1,380 @@
+//! Private keys that never enter a worker.
+//!
+//! The keyring is a third kind of process: spawned and jailed like a worker, but with no network
+//! at all (its profile has no socket, connect or accept), it holds the private keys and signs
+//! for the workers over one socketpair per worker. A worker hands BoringSSL a private-key method
+//! that sends the handshake's message to the keyring and answers "retry"; when the signature
+//! comes back the event loop resumes that session's handshake. Nothing blocks.
+//!
+//! This file has both sides: [`KeyringClient`] and [`KeyringMethod`] in workers, [`run`] for
+//! the keyring process.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use boring::hash::MessageDigest;
+use boring::pkey::{PKey, Private};
+use boring::rsa::Padding;
+use boring::sign::{RsaPssSaltlen, Signer};
+use boring::ssl::{PrivateKeyMethod, PrivateKeyMethodError, Ssl, SslRef, SslSignatureAlgorithm};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use rampart_command::channel::{Channel, ChannelError};
+use rampart_command::proto::{self, ChannelMessage, channel_message::Kind, request::Kind as RequestKind};
+use rampart_policy::profile::Profile;
+use rampart_sandbox::{Jail, JailSetup};
+
+use crate::WorkerLaunch;
+
+/// The signature schemes the keyring signs with, by TLS code point.
+const SCHEMES: [(SslSignatureAlgorithm, u32); 8] = [
+    (SslSignatureAlgorithm::ECDSA_SECP256R1_SHA256, 0x0403),
+    (SslSignatureAlgorithm::ECDSA_SECP384R1_SHA384, 0x0503),
+    (SslSignatureAlgorithm::RSA_PSS_RSAE_SHA256, 0x0804),
+    (SslSignatureAlgorithm::RSA_PSS_RSAE_SHA384, 0x0805),
+    (SslSignatureAlgorithm::RSA_PSS_RSAE_SHA512, 0x0806),
+    (SslSignatureAlgorithm::RSA_PKCS1_SHA256, 0x0401),
+    (SslSignatureAlgorithm::RSA_PKCS1_SHA384, 0x0501),
+    (SslSignatureAlgorithm::RSA_PKCS1_SHA512, 0x0601),
+];
+
+/// Per-connection data on the `Ssl`: the session it belongs to, and its pending request.
+fn session_index() -> Option<boring::ex_data::Index<Ssl, usize>> {
+    static INDEX: OnceLock<Option<boring::ex_data::Index<Ssl, usize>>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
+}
+
+fn request_index() -> Option<boring::ex_data::Index<Ssl, u64>> {
+    static INDEX: OnceLock<Option<boring::ex_data::Index<Ssl, u64>>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
+}
+
+/// Marks a new TLS connection with its session key, so that a signature reply wakes it.
+pub fn tag_session(ssl: &mut SslRef, session: usize) {
+    if let Some(index) = session_index() {
+        ssl.set_ex_data(index, session);
+    }
+}
+
+/// The worker's side: requests waiting to be sent, replies waiting to be collected.
+#[derive(Default)]
+pub struct KeyringClient {
+    next_id: u64,
+    pub outbox: Vec<proto::SignRequest>,
+    /// Request id → session key, for the reply to wake the session.
+    pub waiting: HashMap<u64, usize>,
+    replies: HashMap<u64, Result<Vec<u8>, String>>,
+}
+
+impl KeyringClient {
+    /// A reply arrived: returns the session to wake.
+    pub fn reply(&mut self, reply: proto::SignReply) -> Option<usize> {
+        let result = if reply.error.is_empty() {
+            Ok(reply.signature)
+        } else {
+            Err(reply.error)
+        };
+        self.replies.insert(reply.id, result);
+        self.waiting.remove(&reply.id)
+    }
+
+    /// The keyring went away: every waiting handshake fails (clients retry), and the sessions
+    /// to wake are returned.
+    pub fn fail_all(&mut self, why: &str) -> Vec<usize> {
+        let waiting: Vec<(u64, usize)> = self.waiting.drain().collect();
+        for (id, _) in &waiting {
+            self.replies.insert(*id, Err(why.to_string()));
+        }
+        self.outbox.clear();
+        waiting.into_iter().map(|(_, s)| s).collect()
+    }
+}
+
+/// BoringSSL's private-key method for one certificate: asks the keyring.
+pub struct KeyringMethod {
+    pub fingerprint: String,
+    pub client: Arc<Mutex<KeyringClient>>,
+}
+
+impl PrivateKeyMethod for KeyringMethod {
+    fn sign(
+        &self,
+        ssl: &mut SslRef,
+        input: &[u8],
+        algorithm: SslSignatureAlgorithm,
+        _output: &mut [u8],
+    ) -> Result<usize, PrivateKeyMethodError> {
+        let code = SCHEMES
+            .iter()
+            .find(|(a, _)| *a == algorithm)
+            .map(|(_, c)| *c)
+            .ok_or(PrivateKeyMethodError::FAILURE)?;
+        let session = session_index()
+            .and_then(|i| ssl.ex_data(i).copied())
+            .ok_or(PrivateKeyMethodError::FAILURE)?;
+        let mut client = self.client.lock().map_err(|_| PrivateKeyMethodError::FAILURE)?;
+        client.next_id += 1;
+        let id = client.next_id;
+        client.outbox.push(proto::SignRequest {
+            id,
+            fingerprint: self.fingerprint.clone(),
+            algorithm: code,
+            input: input.to_vec(),
+        });
+        client.waiting.insert(id, session);
+        drop(client);
+        if let Some(index) = request_index() {
+            ssl.set_ex_data(index, id);
+        }
+        Err(PrivateKeyMethodError::RETRY)
+    }
+
+    fn decrypt(&self, _: &mut SslRef, _: &[u8], _: &mut [u8]) -> Result<usize, PrivateKeyMethodError> {
+        // Only ECDHE key exchange is offered: RSA decryption is never needed.
+        Err(PrivateKeyMethodError::FAILURE)
+    }
+
+    fn complete(&self, ssl: &mut SslRef, output: &mut [u8]) -> Result<usize, PrivateKeyMethodError> {
+        let id = request_index()
+            .and_then(|i| ssl.ex_data(i).copied())
+            .ok_or(PrivateKeyMethodError::FAILURE)?;
+        let mut client = self.client.lock().map_err(|_| PrivateKeyMethodError::FAILURE)?;
+        match client.replies.remove(&id) {
+            None => Err(PrivateKeyMethodError::RETRY),
+            Some(Err(_)) => Err(PrivateKeyMethodError::FAILURE),
+            Some(Ok(signature)) => {
+                let out = output
+                    .get_mut(..signature.len())
+                    .ok_or(PrivateKeyMethodError::FAILURE)?;
+                out.copy_from_slice(&signature);
+                Ok(signature.len())
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The keyring process
+
+fn sign(key: &PKey<Private>, algorithm: u32, input: &[u8]) -> Result<Vec<u8>, String> {
+    let (digest, pss, pkcs1) = match algorithm {
+        0x0403 => (MessageDigest::sha256(), false, false),
+        0x0503 => (MessageDigest::sha384(), false, false),
+        0x0804 => (MessageDigest::sha256(), true, false),
+        0x0805 => (MessageDigest::sha384(), true, false),
+        0x0806 => (MessageDigest::sha512(), true, false),
+        0x0401 => (MessageDigest::sha256(), false, true),
+        0x0501 => (MessageDigest::sha384(), false, true),
+        0x0601 => (MessageDigest::sha512(), false, true),
+        other => return Err(format!("unsupported signature scheme {other:#06x}")),
+    };
+    let mut signer = Signer::new(digest, key).map_err(|e| e.to_string())?;
+    if pss {
+        signer.set_rsa_padding(Padding::PKCS1_PSS).map_err(|e| e.to_string())?;
+        signer
+            .set_rsa_pss_saltlen(RsaPssSaltlen::DIGEST_LENGTH)
+            .map_err(|e| e.to_string())?;
+    } else if pkcs1 {
+        signer.set_rsa_padding(Padding::PKCS1).map_err(|e| e.to_string())?;
+    }
+    signer.update(input).map_err(|e| e.to_string())?;
+    signer.sign_to_vec().map_err(|e| e.to_string())
+}
+
+const SUPERVISOR: Token = Token(0);
+
+/// The keyring process's whole life. Returns the exit code.
+pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
+    rampart_sandbox::install_panic_hook("rampart keyring: panic (a bug); aborting\n");
+    // SAFETY: the supervisor placed the channel at this descriptor for this process alone.
+    let channel = Channel::from(unsafe { OwnedFd::from_raw_fd(channel_fd) });
+    if channel.set_nonblocking(true).is_err() {
+        return 5;
+    }
+    let profile = Profile::keyring(&launch.jail);
+    let mut poll = None;
+    let mut prewarm = || {
+        poll = Some(Poll::new().map_err(|e| e.to_string())?);
+        boring::ssl::SslContext::builder(boring::ssl::SslMethod::tls()).map_err(|e| e.to_string())?;
+        Ok(())
+    };
+    let report = Jail::enter(
+        &profile,
+        JailSetup {
+            keep_fds: &[channel.as_raw_fd()],
+            prewarm: &mut prewarm,
+        },
+    );
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            let line = proto::LogLine {
+                level: crate::LOG_ERROR,
+                target: "keyring".into(),
+                message: format!("the keyring could not enter its jail: {e}"),
+            };
+            let _ = channel.send(
+                &ChannelMessage {
+                    kind: Some(Kind::Log(line)),
+                },
+                &[],
+            );
+            return 3;
+        }
+    };
+    let Some(mut poll) = poll else { return 3 };
+    if channel
+        .send(
+            &ChannelMessage {
+                kind: Some(Kind::JailReport(crate::jail_report(&report))),
+            },
+            &[],
+        )
+        .is_err()
+    {
+        return 4;
+    }
+    let fd = channel.as_raw_fd();
+    if poll
+        .registry()
+        .register(&mut SourceFd(&fd), SUPERVISOR, Interest::READABLE)
+        .is_err()
+    {
+        return 5;
+    }
+    let mut keys: HashMap<String, PKey<Private>> = HashMap::new();
+    let mut workers: slab::Slab<Channel> = slab::Slab::new();
+    let mut events = Events::with_capacity(64);
+    loop {
+        if let Err(e) = poll.poll(&mut events, None)
+            && e.kind() != std::io::ErrorKind::Interrupted
+        {
+            return 6;
+        }
+        for event in events.iter() {
+            if event.token() == SUPERVISOR {
+                loop {
+                    let received = match channel.recv() {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return 0,
+                        Err(ChannelError::Receive(e)) if e as i32 == libc::EAGAIN => break,
+                        Err(_) => continue,
+                    };
+                    match received.message.kind {
+                        Some(Kind::KeyringLink(_)) => {
+                            if let Some(fd) = received.fds.into_iter().next() {
+                                let link = Channel::from(fd);
+                                let entry = workers.vacant_entry();
+                                let raw = link.as_raw_fd();
+                                if poll
+                                    .registry()
+                                    .register(&mut SourceFd(&raw), Token(entry.key() + 1), Interest::READABLE)
+                                    .is_ok()
+                                {
+                                    entry.insert(link);
+                                }
+                            }
+                        }
+                        Some(Kind::Order(order)) => {
+                            let stop = matches!(
+                                order.request.as_ref().and_then(|r| r.kind.as_ref()),
+                                Some(RequestKind::SoftStop(_) | RequestKind::HardStop(_))
+                            );
+                            let reply = apply_key_order(&mut keys, order.request);
+                            let reply = proto::WorkerReply {
+                                sequence: order.sequence,
+                                status: if reply.is_ok() {
+                                    proto::ResponseStatus::Ok
+                                } else {
+                                    proto::ResponseStatus::Failure
+                                } as i32,
+                                message: reply.err().unwrap_or_default(),
+                                response: None,
+                            };
+                            let _ = channel.send(
+                                &ChannelMessage {
+                                    kind: Some(Kind::Reply(reply)),
+                                },
+                                &[],
+                            );
+                            if stop {
+                                return 0;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            } else {
+                let key = event.token().0 - 1;
+                let mut closed = false;
+                while let Some(link) = workers.get(key) {
+                    let received = match link.recv() {
+                        Ok(Some(r)) => r,
+                        Ok(None) => {
+                            closed = true;
+                            break;
+                        }
+                        Err(ChannelError::Receive(e)) if e as i32 == libc::EAGAIN => break,
+                        Err(_) => continue,
+                    };
+                    if let Some(Kind::SignRequest(request)) = received.message.kind {
+                        let result = keys
+                            .get(&request.fingerprint)
+                            .ok_or_else(|| format!("no key for certificate {}", request.fingerprint))
+                            .and_then(|k| sign(k, request.algorithm, &request.input));
+                        let (signature, error) = match result {
+                            Ok(s) => (s, String::new()),
+                            Err(e) => (Vec::new(), e),
+                        };
+                        let reply = proto::SignReply {
+                            id: request.id,
+                            signature,
+                            error,
+                        };
+                        let _ = link.send(
+                            &ChannelMessage {
+                                kind: Some(Kind::SignReply(reply)),
+                            },
+                            &[],
+                        );
+                    }
+                }
+                if closed && let Some(link) = workers.try_remove(key) {
+                    let raw = link.as_raw_fd();
+                    let _ = poll.registry().deregister(&mut SourceFd(&raw));
+                }
+            }
+        }
+    }
+}
+
+/// Certificate requests change the keys the keyring holds; anything else is acknowledged.
+fn apply_key_order(keys: &mut HashMap<String, PKey<Private>>, request: Option<proto::Request>) -> Result<(), String> {
+    let Some(request) = request else { return Ok(()) };
+    match request.kind {
+        Some(RequestKind::AddCertificate(c)) => add_key(keys, &c),
+        Some(RequestKind::RemoveCertificate(c)) => {
+            keys.remove(&c.fingerprint.to_ascii_lowercase());
+            Ok(())
+        }
+        Some(RequestKind::ReplaceCertificate(r)) => {
+            keys.remove(&r.old_fingerprint.to_ascii_lowercase());
+            r.new_certificate.as_ref().map_or(Ok(()), |c| add_key(keys, c))
+        }
+        Some(RequestKind::Apply(batch)) => {
+            for r in batch.requests {
+                apply_key_order(keys, Some(r))?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn add_key(keys: &mut HashMap<String, PKey<Private>>, c: &proto::Certificate) -> Result<(), String> {
+    let fingerprint = rampart_command::state::certificate_fingerprint(&c.certificate).map_err(|e| e.to_string())?;
+    let key = PKey::private_key_from_pem(c.key.as_bytes()).map_err(|e| format!("key of {fingerprint}: {e}"))?;
+    keys.insert(fingerprint, key);
+    Ok(())
+}
