@@ -50,6 +50,43 @@ fn not_after(pem: &str) -> Option<i64> {
     Some(i64::from(diff.days) * 86_400 + i64::from(diff.secs))
 }
 
+/// Checks what the state cannot (it has no TLS library): the key is RSA of 2048 bits or more,
+/// or ECDSA on P-256 or P-384, and it matches the certificate.
+fn check_key(c: &proto::Certificate) -> Result<(), String> {
+    use boring::nid::Nid;
+    use boring::pkey::Id;
+    let cert = boring::x509::X509::from_pem(c.certificate.as_bytes())
+        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+    let key = boring::pkey::PKey::private_key_from_pem(c.key.as_bytes())
+        .map_err(|e| format!("the key does not parse: {e}"))?;
+    match key.id() {
+        Id::RSA if key.bits() >= 2048 => {}
+        Id::RSA => return Err(format!("RSA keys need 2048 bits or more; this one has {}", key.bits())),
+        Id::EC => {
+            let curve = key.ec_key().ok().and_then(|k| k.group().curve_name());
+            if !matches!(curve, Some(Nid::X9_62_PRIME256V1 | Nid::SECP384R1)) {
+                return Err("ECDSA keys must be on P-256 or P-384".into());
+            }
+        }
+        _ => return Err("use an RSA (2048 bits or more) or ECDSA (P-256, P-384) key".into()),
+    }
+    let public = cert.public_key().map_err(|e| e.to_string())?;
+    if !public.public_eq(&key) {
+        return Err("the key does not match the certificate".into());
+    }
+    Ok(())
+}
+
+/// Every certificate a request adds, checked by [`check_key`].
+fn check_keys(request: &proto::Request) -> Result<(), String> {
+    match &request.kind {
+        Some(Kind::AddCertificate(c)) => check_key(c),
+        Some(Kind::ReplaceCertificate(r)) => r.new_certificate.as_ref().map_or(Ok(()), check_key),
+        Some(Kind::Apply(batch)) => batch.requests.iter().try_for_each(check_keys),
+        _ => Ok(()),
+    }
+}
+
 /// Removes private keys from a request (what workers receive under key isolation).
 fn strip_keys(request: &mut proto::Request) {
     match &mut request.kind {
@@ -82,6 +119,8 @@ pub enum StartError {
     SelfExe(io::Error),
     #[error("--sandbox-off is refused: the configuration requires the sandbox (sandbox.require_landlock = true)")]
     SandboxRequired,
+    #[error("invalid certificate in the configuration: {0}")]
+    Certificate(String),
     #[error("the audit log cannot be opened: {0}")]
     Audit(String),
     #[error("cannot create {}: {source}", path.display())]
@@ -264,6 +303,9 @@ impl Supervisor {
             return Err(StartError::SandboxRequired);
         }
         let state = config.to_state()?;
+        for request in state.to_requests() {
+            check_keys(&request).map_err(StartError::Certificate)?;
+        }
 
         std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::Directory {
             path: config.state_dir.clone(),
@@ -1197,6 +1239,12 @@ impl Supervisor {
 
     fn state_change(&mut self, key: usize, peer: Peer, request: proto::Request) {
         let id = request.id.clone();
+        if let Err(message) = check_keys(&request) {
+            let message = format!("invalid certificate: {message}");
+            self.audit.denied(&peer, &request, "invalid_certificate", &message);
+            self.respond(key, &id, false, message, None);
+            return;
+        }
         if let ConnectRule::Ports(allowed) = &self.launch.jail.connect
             && !self.launch.jail.sandbox_off
         {

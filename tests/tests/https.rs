@@ -427,3 +427,193 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
         assert_eq!(get(), "200");
     }
 }
+
+/// `openssl req` with any key options (for RSA sizes and other curves).
+fn certificate_with(dir: &Path, stem: &str, name: &str, key_args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-nodes", "-days", "2"])
+        .args(key_args)
+        .arg("-keyout")
+        .arg(dir.join(format!("{stem}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{stem}.crt")))
+        .args([
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            &format!("subjectAltName=DNS:{name}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Keys are RSA 2048+ or ECDSA P-256/P-384 and match their certificate; an RSA key is served
+/// through the keyring too; HTTP frontends can redirect to HTTPS; a certificate replaced under
+/// load fails no request.
+#[test]
+fn key_types_redirects_and_replacement_under_load() {
+    if !require_tool("key types", "openssl") || !require_tool("key types", "wrk") {
+        return;
+    }
+    let certs = TempDir::new("https-types");
+    let d = certs.path();
+    certificate_with(d, "rsa", "rsa.test", &["-newkey", "rsa:2048"]);
+    certificate_with(d, "weak", "weak.test", &["-newkey", "rsa:1024"]);
+    certificate_with(
+        d,
+        "p521",
+        "p521.test",
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-521"],
+    );
+    certificate(d, "a", "a.test");
+    certificate(d, "a2", "a.test");
+    let echo = EchoBackend::start();
+    let (port, http_port) = (free_port(), free_port());
+    let file = |stem: &str, ext: &str| d.join(format!("{stem}.{ext}")).display().to_string();
+    let config = format!(
+        r#"{head}
+[[listeners]]
+address = "127.0.0.1:{port}"
+protocol = "https"
+
+[[listeners]]
+address = "127.0.0.1:{http_port}"
+
+[clusters.site]
+https_redirect = true
+backends = [ {{ address = "127.0.0.1:{e}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate = "{acrt}", key = "{akey}" }},
+              {{ address = "127.0.0.1:{http_port}", hostname = "a.test" }} ]
+"#,
+        head = config_head(Path::new("{dir}"), 2),
+        e = echo.port,
+        acrt = file("a", "crt"),
+        akey = file("a", "key"),
+    );
+    let r = Rampart::start("https-types", &config);
+    let address = format!("127.0.0.1:{port}");
+    let add = |stem: &str, name: &str| {
+        r.try_ctl(&[
+            "certificate",
+            "add",
+            "--address",
+            &address,
+            "--certificate",
+            &file(stem, "crt"),
+            "--key",
+            &file(stem, "key"),
+            "--name",
+            name,
+        ])
+    };
+    assert!(add("weak", "weak.test").unwrap_err().contains("2048 bits"));
+    assert!(add("p521", "p521.test").unwrap_err().contains("P-256 or P-384"));
+    let mismatched = r.try_ctl(&[
+        "certificate",
+        "add",
+        "--address",
+        &address,
+        "--certificate",
+        &file("rsa", "crt"),
+        "--key",
+        &file("a", "key"),
+    ]);
+    assert!(mismatched.unwrap_err().contains("does not match"));
+    add("rsa", "rsa.test").unwrap();
+    // An RSA handshake, signed by the keyring (RSA-PSS under TLS 1.3, PKCS#1 or PSS under 1.2).
+    for version in ["--tlsv1.3", "--tls-max"] {
+        let mut args = vec![
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            version,
+        ];
+        if version == "--tls-max" {
+            args.push("1.2");
+        }
+        let out = Command::new("curl")
+            .args(&args)
+            .args(["--resolve", &format!("rsa.test:{port}:127.0.0.1")])
+            .arg(format!("https://rsa.test:{port}/"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "404",
+            "{version}: rsa.test has a certificate but no frontend"
+        );
+    }
+    assert!(served_cn(port, Some("rsa.test")).contains("CN = rsa.test"));
+
+    // HTTP → HTTPS.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            "-H",
+            "Host: a.test",
+        ])
+        .arg(format!("http://127.0.0.1:{http_port}/some/path?q=1"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "301 https://a.test/some/path?q=1");
+
+    // Replace a.test's certificate while wrk loads the listener.
+    let wrk = Command::new("wrk")
+        .args(["-t1", "-c10", "-d4s", "-H", "Host: a.test"])
+        .arg(format!("https://127.0.0.1:{port}/"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let list: serde_json::Value = serde_json::from_str(&r.ctl(&["certificate", "list", "--json"])).unwrap();
+    let old = list["content"]["certificates"]["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["names"][0] == "a.test")
+        .unwrap()["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    r.ctl(&[
+        "certificate",
+        "replace",
+        "--address",
+        &address,
+        "--old-fingerprint",
+        &old,
+        "--certificate",
+        &file("a2", "crt"),
+        "--key",
+        &file("a2", "key"),
+    ]);
+    let out = wrk.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("requests in"), "{report}");
+    assert!(
+        !report.contains("Non-2xx") && !report.contains("Socket errors"),
+        "{report}"
+    );
+    let new_fp = String::from_utf8_lossy(
+        &Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "openssl s_client -connect 127.0.0.1:{port} -servername a.test </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"
+            ))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .to_ascii_lowercase()
+    .replace(':', "");
+    assert!(!new_fp.contains(&old), "the old certificate is still served");
+}
