@@ -278,6 +278,9 @@ pub struct ListenerConfig {
     pub tls_min_version: Option<String>,
     #[serde(default)]
     pub cipher_suites: Vec<String>,
+    /// HTTPS key exchange groups, most preferred first.
+    #[serde(default)]
+    pub groups: Vec<String>,
     #[serde(default)]
     pub timeouts: Option<ListenerTimeouts>,
 }
@@ -567,6 +570,7 @@ impl Config {
                     answers: l.answers.clone(),
                     tls_min_version: l.tls_min_version.clone().unwrap_or_default(),
                     cipher_suites: l.cipher_suites.clone(),
+                    groups: l.groups.clone(),
                     active: true,
                 }),
                 format!("listeners[{i}]"),

@@ -402,6 +402,13 @@ fn check_listener(l: &proto::Listener) -> Result<(), StateError> {
             });
         }
     }
+    if !l.groups.is_empty() && protocol != proto::Protocol::Https {
+        return Err(StateError::InvalidValue {
+            field: "groups",
+            value: l.groups.join(":"),
+            reason: "only HTTPS listeners have key exchange groups".into(),
+        });
+    }
     if !l.cipher_suites.is_empty() && protocol != proto::Protocol::Https {
         return Err(StateError::InvalidValue {
             field: "cipher_suites",

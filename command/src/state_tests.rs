@@ -271,6 +271,7 @@ fn arb_listener() -> impl Strategy<Value = proto::Listener> {
                 backend_response_timeout_ms: t / 4,
                 answers,
                 tls_min_version: "1.2".into(),
+                groups: cipher_suites.iter().rev().cloned().collect(),
                 cipher_suites,
                 active,
             },

@@ -193,6 +193,14 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         return 5;
     }
     let profile = Profile::keyring(&launch.jail);
+    // Keep the keys out of swap: lock every page as it is touched (MCL_ONFAULT: no page is
+    // faulted in just to lock it). The limit is raised first while the process may still do so.
+    let locked = {
+        let unlimited = nix::sys::resource::RLIM_INFINITY;
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK, unlimited, unlimited);
+        // SAFETY: mlockall only changes how this process's pages are paged.
+        unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) == 0 }
+    };
     let mut poll = None;
     let mut prewarm = || {
         poll = Some(Poll::new().map_err(|e| e.to_string())?);
@@ -224,6 +232,12 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         }
     };
     let Some(mut poll) = poll else { return 3 };
+    let mut report = report;
+    report.notes.push(if locked {
+        "memory locked (mlockall, on fault): keys never reach swap".into()
+    } else {
+        "memory could not be locked: keys may reach swap".into()
+    });
     if channel
         .send(
             &ChannelMessage {
@@ -244,7 +258,8 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         return 5;
     }
     let mut keys: HashMap<String, PKey<Private>> = HashMap::new();
-    let mut workers: slab::Slab<Channel> = slab::Slab::new();
+    // Each worker's link and the replies waiting for room in it.
+    let mut workers: slab::Slab<(Channel, std::collections::VecDeque<proto::SignReply>)> = slab::Slab::new();
     let mut events = Events::with_capacity(64);
     loop {
         if let Err(e) = poll.poll(&mut events, None)
@@ -269,10 +284,14 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                                 let raw = link.as_raw_fd();
                                 if poll
                                     .registry()
-                                    .register(&mut SourceFd(&raw), Token(entry.key() + 1), Interest::READABLE)
+                                    .register(
+                                        &mut SourceFd(&raw),
+                                        Token(entry.key() + 1),
+                                        Interest::READABLE | Interest::WRITABLE,
+                                    )
                                     .is_ok()
                                 {
-                                    entry.insert(link);
+                                    entry.insert((link, std::collections::VecDeque::new()));
                                 }
                             }
                         }
@@ -308,7 +327,7 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
             } else {
                 let key = event.token().0 - 1;
                 let mut closed = false;
-                while let Some(link) = workers.get(key) {
+                while let Some((link, _)) = workers.get(key) {
                     let received = match link.recv() {
                         Ok(Some(r)) => r,
                         Ok(None) => {
@@ -332,18 +351,39 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                             signature,
                             error,
                         };
-                        let _ = link.send(
-                            &ChannelMessage {
-                                kind: Some(Kind::SignReply(reply)),
-                            },
-                            &[],
-                        );
+                        if let Some((_, queue)) = workers.get_mut(key) {
+                            queue.push_back(reply);
+                        }
+                        flush_replies(&mut workers, key);
                     }
                 }
-                if closed && let Some(link) = workers.try_remove(key) {
+                flush_replies(&mut workers, key);
+                if closed && let Some((link, _)) = workers.try_remove(key) {
                     let raw = link.as_raw_fd();
                     let _ = poll.registry().deregister(&mut SourceFd(&raw));
                 }
+            }
+        }
+    }
+}
+
+/// Sends a link's waiting replies until it is full (the rest wait for its next writable event).
+fn flush_replies(workers: &mut slab::Slab<(Channel, std::collections::VecDeque<proto::SignReply>)>, key: usize) {
+    let Some((link, queue)) = workers.get_mut(key) else {
+        return;
+    };
+    while let Some(reply) = queue.front() {
+        let message = ChannelMessage {
+            kind: Some(Kind::SignReply(reply.clone())),
+        };
+        match link.send(&message, &[]) {
+            Ok(()) => {
+                queue.pop_front();
+            }
+            Err(ChannelError::Send(e)) if e as i32 == libc::EAGAIN => return,
+            Err(_) => {
+                queue.clear();
+                return;
             }
         }
     }

@@ -163,6 +163,7 @@ struct Worker {
     tls: TlsContexts,
     ticket_key: Option<Vec<u8>>,
     keyring: Option<Channel>,
+    keyring_queue: std::collections::VecDeque<proto::SignRequest>,
     keyring_client: Arc<Mutex<keyring::KeyringClient>>,
     max_connections: usize,
     accepting_paused: bool,
@@ -263,6 +264,7 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         tls: TlsContexts::default(),
         ticket_key: None,
         keyring: None,
+        keyring_queue: std::collections::VecDeque::new(),
         keyring_client: Arc::new(Mutex::new(keyring::KeyringClient::default())),
         max_connections,
         accepting_paused: false,
@@ -557,7 +559,7 @@ impl Worker {
                     if self
                         .poll
                         .registry()
-                        .register(&mut SourceFd(&raw), KEYRING, Interest::READABLE)
+                        .register(&mut SourceFd(&raw), KEYRING, Interest::READABLE | Interest::WRITABLE)
                         .is_ok()
                     {
                         self.keyring = Some(link);
@@ -579,34 +581,32 @@ impl Worker {
 
     /// Sends the signature requests the handshakes queued; without a keyring they fail at once.
     fn flush_keyring(&mut self, now: Instant) {
-        let requests: Vec<proto::SignRequest> = match self.keyring_client.lock() {
-            Ok(mut c) => std::mem::take(&mut c.outbox),
-            Err(_) => return,
-        };
-        if requests.is_empty() {
+        if let Ok(mut c) = self.keyring_client.lock() {
+            let queued = std::mem::take(&mut c.outbox);
+            self.keyring_queue.extend(queued);
+        }
+        if self.keyring_queue.is_empty() {
             return;
         }
-        let mut failed = false;
-        match &self.keyring {
-            Some(link) => {
-                for r in requests {
-                    if link
-                        .send(
-                            &ChannelMessage {
-                                kind: Some(Kind::SignRequest(r)),
-                            },
-                            &[],
-                        )
-                        .is_err()
-                    {
-                        failed = true;
-                    }
+        let Some(link) = &self.keyring else {
+            self.keyring_lost(now, "the keyring is not reachable");
+            return;
+        };
+        // The link holds a handful of datagrams: what does not fit waits for it to drain.
+        while let Some(r) = self.keyring_queue.front() {
+            let message = ChannelMessage {
+                kind: Some(Kind::SignRequest(r.clone())),
+            };
+            match link.send(&message, &[]) {
+                Ok(()) => {
+                    self.keyring_queue.pop_front();
+                }
+                Err(ChannelError::Send(e)) if e as i32 == libc::EAGAIN => return,
+                Err(_) => {
+                    self.keyring_lost(now, "the keyring is not reachable");
+                    return;
                 }
             }
-            None => failed = true,
-        }
-        if failed {
-            self.keyring_lost(now, "the keyring is not reachable");
         }
     }
 
@@ -615,6 +615,7 @@ impl Worker {
             let raw = link.as_raw_fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         }
+        self.keyring_queue.clear();
         let sessions = match self.keyring_client.lock() {
             Ok(mut c) => c.fail_all(why),
             Err(_) => Vec::new(),
@@ -654,6 +655,11 @@ impl Worker {
     }
 
     fn reply(&self, sequence: u64, ok: bool, message: String) {
+        // Orders of the initial state (sequence 0) are answered only when they fail: a large
+        // state would otherwise flood the channel with acknowledgements nobody waits for.
+        if sequence == 0 && ok {
+            return;
+        }
         let reply = proto::WorkerReply {
             sequence,
             status: if ok {

@@ -68,6 +68,7 @@ fn alpn<'a>(_: &mut boring::ssl::SslRef, client: &'a [u8]) -> Result<&'a [u8], A
 struct Settings {
     min_version: String,
     cipher_suites: Vec<String>,
+    groups: Vec<String>,
     /// Shared by every worker so that sessions resume on any of them.
     ticket_key: Option<Vec<u8>>,
 }
@@ -79,6 +80,7 @@ fn settings(state: &State, address: &str, ticket_key: Option<&[u8]>) -> Settings
         .map(|l| Settings {
             min_version: l.tls_min_version.clone(),
             cipher_suites: l.cipher_suites.clone(),
+            groups: l.groups.clone(),
             ticket_key: ticket_key.map(<[u8]>::to_vec),
         })
         .unwrap_or_default()
@@ -104,6 +106,10 @@ fn builder(settings: &Settings) -> Result<boring::ssl::SslAcceptorBuilder, Strin
         // TLS 1.2 suites; BoringSSL's TLS 1.3 suites are fixed.
         b.set_cipher_list(&settings.cipher_suites.join(":"))
             .map_err(|e| format!("cipher_suites {:?}: {e}", settings.cipher_suites))?;
+    }
+    if !settings.groups.is_empty() {
+        b.set_curves_list(&settings.groups.join(":"))
+            .map_err(|e| format!("groups {:?}: {e}", settings.groups))?;
     }
     // The server's order (strongest first) wins over the client's.
     b.set_options(boring::ssl::SslOptions::CIPHER_SERVER_PREFERENCE);
