@@ -86,13 +86,23 @@ fn nanos() -> u128 {
         .unwrap_or(0)
 }
 
-/// A TCP port free on 127.0.0.1 at the time of the call.
+/// A TCP port free on 127.0.0.1 at the time of the call, and never handed out twice in this
+/// process: rampart binds with SO_REUSEPORT, so two tests given the same port would silently
+/// share it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Compares `actual` with the snapshot file `tests/snapshots/NAME`; with `UPDATE_SNAPSHOTS=1`
