@@ -590,6 +590,26 @@ mod tests {
     }
 
     #[test]
+    fn the_keyring_has_no_network_at_all() {
+        let config = Config::parse(
+            "[clusters.a]\nbackends = [ { address = \"127.0.0.1:9000\" } ]\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let params = WorkerJailParams::from_config(&config, ProfileOptions::default());
+        let keyring = Profile::keyring(&params);
+        let names: Vec<_> = keyring.syscalls.iter().map(|r| r.name).collect();
+        for forbidden in ["socket", "connect", "accept4", "sendto", "recvfrom", "bind", "listen"] {
+            assert!(!names.contains(&forbidden), "the keyring may not {forbidden}");
+        }
+        for needed in ["recvmsg", "sendmsg", "epoll_wait", "mmap"] {
+            assert!(names.contains(&needed), "the keyring needs {needed}");
+        }
+        assert_eq!(keyring.landlock.tcp_connect, ConnectRule::Ports(Vec::new()));
+        assert!(keyring.layers.seccomp && keyring.layers.landlock);
+    }
+
+    #[test]
     fn ports_come_from_the_backends() {
         let config = Config::parse(
             "[clusters.a]\nbackends = [ { address = \"127.0.0.1:9000\" }, { address = \"[::1]:8080\" } ]\n",

@@ -396,6 +396,23 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
         memory_contains(keyring[0], &scalar),
         "the search must find the key where it is"
     );
+    // The keyring's pages are locked (kept out of swap), and it is jailed like a worker.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", keyring[0])).unwrap();
+    let locked: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    assert!(locked > 0, "the keyring's memory is not locked:\n{status}");
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let expect = rampart_sandbox::inspect::Expectation {
+        uid: Some(nobody.uid.as_raw()),
+        gid: None,
+        max_fds: None,
+        allow_bounding: false,
+        skip_private: false,
+    };
+    rampart_sandbox::inspect::verify_jailed(keyring[0], &expect).unwrap_or_else(|v| panic!("keyring: {v:?}"));
     let workers = role_pids(&r, "worker");
     assert_eq!(workers.len(), 2);
     for pid in workers {
