@@ -1361,7 +1361,9 @@ impl Supervisor {
         for address in next.listeners().keys() {
             if !self.listeners.contains_key(address) {
                 let mut fds = Vec::new();
-                for _ in 0..self.workers.len() {
+                // One socket per worker slot; the keyring serves no traffic and gets none (an
+                // extra SO_REUSEPORT socket nobody accepts on would strand its share of clients).
+                for _ in self.workers.iter().filter(|w| !w.keyring) {
                     fds.push(bind_listener(address)?);
                 }
                 added.push((address.clone(), fds));
@@ -1385,7 +1387,12 @@ impl Supervisor {
                 .get(&address)
                 .map(|l| l.protocol)
                 .unwrap_or_default();
-            for id in self.running_workers() {
+            let workers: Vec<u32> = self
+                .running_workers()
+                .into_iter()
+                .filter(|id| self.workers.get(*id as usize).is_some_and(|w| !w.keyring))
+                .collect();
+            for id in workers {
                 let Some(fd) = self
                     .listeners
                     .get(&address)

@@ -309,7 +309,8 @@ fn admin_can_do_everything() {
     assert!(file.contains("adm-2") && file.contains(&address), "{file}");
     // The new listener accepts connections (404: no frontend yet).
     let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
-    assert!(http_get(port, "any.example.com").starts_with("HTTP/1.1 404"));
+    let reply = http_get(port, "any.example.com");
+    assert!(reply.starts_with("HTTP/1.1 404"), "reply {reply:?}:\n{}", r.log_text());
 
     let recs = records(&audit_log(&r));
     let completed: Vec<(&str, &str)> = recs
