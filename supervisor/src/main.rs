@@ -83,7 +83,11 @@ enum Command {
 #[derive(Subcommand)]
 enum PolicyAction {
     /// Print the effective worker sandbox profile of a configuration.
-    Show,
+    Show {
+        /// The keyring's profile instead (the process that holds private keys).
+        #[arg(long)]
+        keyring: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -111,8 +115,8 @@ fn main() -> ExitCode {
             action: ConfigAction::Check,
         } => config_check(config, json),
         Command::Policy {
-            action: PolicyAction::Show,
-        } => policy_show(config, json),
+            action: PolicyAction::Show { keyring },
+        } => policy_show(config, json, keyring),
         Command::Sandbox {
             action: SandboxAction::Check,
         } => sandbox_check(config, json),
@@ -172,14 +176,23 @@ fn load_config(path: &Option<PathBuf>) -> Result<Config, ExitCode> {
     })
 }
 
-fn policy_show(path: Option<PathBuf>, json: bool) -> ExitCode {
+fn policy_show(path: Option<PathBuf>, json: bool, keyring: bool) -> ExitCode {
     let config = match load_config(&path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let profile = Profile::worker(&config, ProfileOptions::default());
+    let profile = if keyring {
+        let params = rampart_policy::profile::WorkerJailParams::from_config(&config, ProfileOptions::default());
+        Profile::keyring(&params)
+    } else {
+        Profile::worker(&config, ProfileOptions::default())
+    };
     if json {
         println!("{}", profile.to_json());
+    } else if keyring {
+        let text = profile.to_text();
+        println!("keyring sandbox profile (holds the private keys; no network)");
+        print!("{}", text.split_once('\n').map_or(text.as_str(), |(_, rest)| rest));
     } else {
         print!("{}", profile.to_text());
     }

@@ -98,3 +98,24 @@ fn version_names_the_revision() {
     assert!(text.starts_with("rampart 0."), "{text}");
     assert!(text.contains('('), "{text}");
 }
+
+#[test]
+fn policy_show_keyring_has_no_network() {
+    let out = Command::new(rampart_bin())
+        .args(["policy", "show", "--keyring", "--json", "-c"])
+        .arg(workspace().join("tests/fixtures/policy.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let profile: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = profile["syscalls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    for forbidden in ["socket", "connect", "accept4"] {
+        assert!(!names.contains(&forbidden), "{forbidden}");
+    }
+    assert_eq!(profile["landlock"]["tcp_connect"]["ports"], serde_json::json!([]));
+}
