@@ -171,6 +171,22 @@ fn requests_responses_and_default_answers() {
     assert_eq!(code, 200);
     assert_eq!(json(&body)["body_length"], 3_000_000);
 
+    // The same against nginx itself: a POST body and a chunked upload reach it and it answers.
+    let (code, body, _) = curl(p, "app.test", "/", &["--data-binary", &format!("@{}", file.display())]);
+    assert_eq!((code, body.as_str()), (200, "Hello, world\n"));
+    let (code, body, _) = curl(
+        p,
+        "app.test",
+        "/",
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
+    );
+    assert_eq!((code, body.as_str()), (200, "Hello, world\n"));
+
     // HEAD and HTTP/1.0.
     let (code, body, headers) = curl(p, "app.test", "/", &["-I"]);
     assert_eq!(code, 200);

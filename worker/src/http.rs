@@ -866,35 +866,9 @@ impl HttpSession {
                     if drained {
                         b.readable = false;
                     }
-                    let mut callbacks = ResponseCallbacks {
-                        head: self.facts.head,
-                        request_id: &self.facts.request_id,
-                        set_cookie: self.set_cookie.take(),
-                        close: false,
-                        code: 0,
-                    };
-                    let was_initial = !self.resp.is_main_phase();
-                    kawa::h1::parse(&mut self.resp, &mut callbacks);
-                    if was_initial && self.resp.is_main_phase() {
-                        self.response_close = callbacks.close;
-                        self.response_code = callbacks.code;
+                    if let Some(step) = self.parse_response(ctx) {
+                        return step;
                     }
-                    if callbacks.set_cookie.is_some() {
-                        self.set_cookie = callbacks.set_cookie;
-                    }
-                    if self.resp.is_error() {
-                        if self.response_code == 0 && self.resp.out.is_empty() {
-                            self.start_answer(ctx, 502, true, None);
-                            return Step::Progress;
-                        }
-                        return Step::Close;
-                    }
-                    self.deadline = ctx.now
-                        + self
-                            .listener
-                            .timeouts
-                            .backend_response
-                            .unwrap_or(ctx.timeouts.backend_response);
                     progress = true;
                 }
                 Io::Blocked => {
@@ -945,6 +919,40 @@ impl HttpSession {
         }
     }
 
+    /// Parses what the response buffer holds. Some(step) when the exchange must end here.
+    fn parse_response(&mut self, ctx: &mut Context<'_>) -> Option<Step> {
+        let mut callbacks = ResponseCallbacks {
+            head: self.facts.head,
+            request_id: &self.facts.request_id,
+            set_cookie: self.set_cookie.take(),
+            close: false,
+            code: 0,
+        };
+        let was_initial = !self.resp.is_main_phase();
+        kawa::h1::parse(&mut self.resp, &mut callbacks);
+        if was_initial && self.resp.is_main_phase() {
+            self.response_close = callbacks.close;
+            self.response_code = callbacks.code;
+        }
+        if callbacks.set_cookie.is_some() {
+            self.set_cookie = callbacks.set_cookie;
+        }
+        if self.resp.is_error() {
+            if self.response_code == 0 && self.resp.out.is_empty() {
+                self.start_answer(ctx, 502, true, None);
+                return Some(Step::Progress);
+            }
+            return Some(Step::Close);
+        }
+        self.deadline = ctx.now
+            + self
+                .listener
+                .timeouts
+                .backend_response
+                .unwrap_or(ctx.timeouts.backend_response);
+        None
+    }
+
     /// The backend closed or failed in the middle of an exchange.
     fn backend_lost(&mut self, ctx: &mut Context<'_>) -> Step {
         let nothing_sent = self.response_code == 0 && self.resp.storage.is_empty();
@@ -960,9 +968,15 @@ impl HttpSession {
     fn response_done(&mut self, ctx: &mut Context<'_>) -> Step {
         let code = self.response_code;
         if (100..200).contains(&code) && code != 101 {
-            // An interim response (100 Continue): the real one follows.
+            // An interim response (100 Continue): the real one follows, and may already be in
+            // the buffer behind it.
             self.resp.clear();
             self.response_code = 0;
+            if !self.resp.storage.unparsed_data().is_empty()
+                && let Some(step) = self.parse_response(ctx)
+            {
+                return step;
+            }
             return Step::Progress;
         }
         if code == 101 && self.facts.upgrade {
