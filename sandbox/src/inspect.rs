@@ -96,35 +96,7 @@ fn read_facts_with(pid: i32, skip_private: bool) -> Result<ProcessFacts, Violati
     };
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(unreadable(format!("/proc/{pid}/status")))?;
-    let mut fds = Vec::new();
-    if skip_private {
-        return Ok(ProcessFacts {
-            uids: ids(field(&status, "Uid:")),
-            gids: ids(field(&status, "Gid:")),
-            cap_eff: hex(field(&status, "CapEff:")),
-            cap_prm: hex(field(&status, "CapPrm:")),
-            cap_inh: hex(field(&status, "CapInh:")),
-            cap_bnd: hex(field(&status, "CapBnd:")),
-            cap_amb: hex(field(&status, "CapAmb:")),
-            no_new_privs: field(&status, "NoNewPrivs:") == Some("1"),
-            seccomp: field(&status, "Seccomp:").and_then(|v| v.parse().ok()).unwrap_or(0),
-            fds,
-            environment_bytes: 0,
-        });
-    }
-    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(unreadable(format!("/proc/{pid}/fd")))?;
-    for entry in dir.flatten() {
-        let fd: i32 = entry.file_name().to_string_lossy().parse().unwrap_or(-1);
-        let target = std::fs::read_link(entry.path())
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        fds.push((fd, target));
-    }
-    fds.sort();
-    let environment_bytes = std::fs::read(format!("/proc/{pid}/environ"))
-        .map_err(unreadable(format!("/proc/{pid}/environ")))?
-        .len();
-    Ok(ProcessFacts {
+    let mut facts = ProcessFacts {
         uids: ids(field(&status, "Uid:")),
         gids: ids(field(&status, "Gid:")),
         cap_eff: hex(field(&status, "CapEff:")),
@@ -134,9 +106,25 @@ fn read_facts_with(pid: i32, skip_private: bool) -> Result<ProcessFacts, Violati
         cap_amb: hex(field(&status, "CapAmb:")),
         no_new_privs: field(&status, "NoNewPrivs:") == Some("1"),
         seccomp: field(&status, "Seccomp:").and_then(|v| v.parse().ok()).unwrap_or(0),
-        fds,
-        environment_bytes,
-    })
+        fds: Vec::new(),
+        environment_bytes: 0,
+    };
+    if skip_private {
+        return Ok(facts);
+    }
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(unreadable(format!("/proc/{pid}/fd")))?;
+    for entry in dir.flatten() {
+        let fd: i32 = entry.file_name().to_string_lossy().parse().unwrap_or(-1);
+        let target = std::fs::read_link(entry.path())
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        facts.fds.push((fd, target));
+    }
+    facts.fds.sort();
+    facts.environment_bytes = std::fs::read(format!("/proc/{pid}/environ"))
+        .map_err(unreadable(format!("/proc/{pid}/environ")))?
+        .len();
+    Ok(facts)
 }
 
 /// Checks that `pid` is jailed as expected; returns the facts, or every violation found.

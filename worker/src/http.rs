@@ -8,6 +8,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::Instant;
 
 use kawa::h1::ParserCallbacks;
@@ -367,7 +368,7 @@ fn write_raw<S: Write>(stream: &mut S, kawa: &mut Kawa<Checkout>) -> Io {
 pub struct HttpSession {
     pub front: FrontStream,
     peer: SocketAddr,
-    pub listener: ListenerInfo,
+    pub listener: Rc<ListenerInfo>,
     back_token: Token,
     front_readable: bool,
     front_writable: bool,
@@ -397,7 +398,7 @@ impl HttpSession {
     pub fn new(
         front: FrontStream,
         peer: SocketAddr,
-        listener: ListenerInfo,
+        listener: Rc<ListenerInfo>,
         back_token: Token,
         req_buf: Checkout,
         resp_buf: Checkout,

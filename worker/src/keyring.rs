@@ -10,7 +10,7 @@
 //! the keyring process.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use boring::hash::MessageDigest;
@@ -19,11 +19,10 @@ use boring::rsa::Padding;
 use boring::sign::{RsaPssSaltlen, Signer};
 use boring::ssl::{PrivateKeyMethod, PrivateKeyMethodError, Ssl, SslRef, SslSignatureAlgorithm};
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Token};
 use rampart_command::channel::{Channel, ChannelError};
 use rampart_command::proto::{self, ChannelMessage, channel_message::Kind, request::Kind as RequestKind};
 use rampart_policy::profile::Profile;
-use rampart_sandbox::{Jail, JailSetup};
 
 use crate::WorkerLaunch;
 
@@ -186,12 +185,6 @@ const SUPERVISOR: Token = Token(0);
 
 /// The keyring process's whole life. Returns the exit code.
 pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
-    rampart_sandbox::install_panic_hook("rampart keyring: panic (a bug); aborting\n");
-    // SAFETY: the supervisor placed the channel at this descriptor for this process alone.
-    let channel = Channel::from(unsafe { OwnedFd::from_raw_fd(channel_fd) });
-    if channel.set_nonblocking(true).is_err() {
-        return 5;
-    }
     let profile = Profile::keyring(&launch.jail);
     // Keep the keys out of swap: lock every page as it is touched (MCL_ONFAULT: no page is
     // faulted in just to lock it). The limit is raised first while the process may still do so.
@@ -201,54 +194,21 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         // SAFETY: mlockall only changes how this process's pages are paged.
         unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) == 0 }
     };
-    let mut poll = None;
-    let mut prewarm = || {
-        poll = Some(Poll::new().map_err(|e| e.to_string())?);
-        boring::ssl::SslContext::builder(boring::ssl::SslMethod::tls()).map_err(|e| e.to_string())?;
-        Ok(())
-    };
-    let report = Jail::enter(
-        &profile,
-        JailSetup {
-            keep_fds: &[channel.as_raw_fd()],
-            prewarm: &mut prewarm,
-        },
-    );
-    let report = match report {
-        Ok(r) => r,
-        Err(e) => {
-            let line = proto::LogLine {
-                level: crate::LOG_ERROR,
-                target: "keyring".into(),
-                message: format!("the keyring could not enter its jail: {e}"),
-            };
-            let _ = channel.send(
-                &ChannelMessage {
-                    kind: Some(Kind::Log(line)),
-                },
-                &[],
-            );
-            return 3;
-        }
-    };
-    let Some(mut poll) = poll else { return 3 };
-    let mut report = report;
-    report.notes.push(if locked {
-        "memory locked (mlockall, on fault): keys never reach swap".into()
+    let note = if locked {
+        "memory locked (mlockall, on fault): keys never reach swap"
     } else {
-        "memory could not be locked: keys may reach swap".into()
-    });
-    if channel
-        .send(
-            &ChannelMessage {
-                kind: Some(Kind::JailReport(crate::jail_report(&report))),
-            },
-            &[],
-        )
-        .is_err()
-    {
-        return 4;
-    }
+        "memory could not be locked: keys may reach swap"
+    };
+    let (channel, mut poll) = match crate::enter_jail(
+        channel_fd,
+        &profile,
+        "the keyring",
+        "rampart keyring: panic (a bug); aborting\n",
+        vec![note.to_string()],
+    ) {
+        Ok(entered) => entered,
+        Err(code) => return code,
+    };
     let fd = channel.as_raw_fd();
     if poll
         .registry()

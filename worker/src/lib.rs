@@ -22,6 +22,7 @@ pub mod tls;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -142,6 +143,9 @@ struct ListenerSocket {
     socket: TcpListener,
     address: String,
     registered: bool,
+    /// What its sessions need to know, built when the state changes rather than per accept.
+    info: Option<Rc<ListenerInfo>>,
+    protocol: i32,
 }
 
 /// Log levels on the channel.
@@ -192,14 +196,22 @@ pub fn jail_report(report: &rampart_sandbox::JailReport) -> proto::JailReport {
 }
 
 /// The worker's whole life. Returns the process exit code.
-pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
-    rampart_sandbox::install_panic_hook("rampart worker: panic (a bug); aborting\n");
+/// The door of every jailed process (worker and keyring): a panic hook that aborts, the
+/// channel made non-blocking (fcntl is forbidden inside), the event loop and BoringSSL's
+/// one-time state created, the jail entered, and its report sent to the supervisor. Returns
+/// the channel and the event loop, or the exit code.
+pub(crate) fn enter_jail(
+    channel_fd: RawFd,
+    profile: &Profile,
+    who: &str,
+    panic_message: &'static str,
+    notes: Vec<String>,
+) -> Result<(Channel, Poll), i32> {
+    rampart_sandbox::install_panic_hook(panic_message);
     // SAFETY: the supervisor placed the channel at this descriptor for this process alone.
     let channel = Channel::from(unsafe { OwnedFd::from_raw_fd(channel_fd) });
-    let profile = Profile::from_params(&launch.jail);
-    // fcntl(F_SETFL) is not allowed inside the jail: the channel becomes non-blocking now.
     if channel.set_nonblocking(true).is_err() {
-        return 5;
+        return Err(5);
     }
     let mut poll = None;
     let mut prewarm = || {
@@ -208,20 +220,21 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         boring::ssl::SslContext::builder(boring::ssl::SslMethod::tls()).map_err(|e| e.to_string())?;
         Ok(())
     };
-    let report = Jail::enter(
-        &profile,
+    let keep = [channel.as_raw_fd()];
+    let entered = Jail::enter(
+        profile,
         JailSetup {
-            keep_fds: &[channel.as_raw_fd()],
+            keep_fds: &keep,
             prewarm: &mut prewarm,
         },
     );
-    let report = match report {
+    let mut report = match entered {
         Ok(r) => r,
         Err(e) => {
             let line = proto::LogLine {
                 level: LOG_ERROR,
                 target: "jail".into(),
-                message: format!("worker {} could not enter its jail: {e}", launch.id),
+                message: format!("{who} could not enter its jail: {e}"),
             };
             let _ = channel.send(
                 &ChannelMessage {
@@ -229,22 +242,33 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                 },
                 &[],
             );
-            return 3;
+            return Err(3);
         }
     };
-    let Some(poll) = poll else { return 3 };
-    let jail = jail_report(&report);
-    if channel
-        .send(
-            &ChannelMessage {
-                kind: Some(Kind::JailReport(jail)),
-            },
-            &[],
-        )
-        .is_err()
-    {
-        return 4;
+    let Some(poll) = poll else { return Err(3) };
+    report.notes.extend(notes);
+    let message = ChannelMessage {
+        kind: Some(Kind::JailReport(jail_report(&report))),
+    };
+    if channel.send(&message, &[]).is_err() {
+        return Err(4);
     }
+    Ok((channel, poll))
+}
+
+pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
+    let profile = Profile::from_params(&launch.jail);
+    let who = format!("worker {}", launch.id);
+    let (channel, poll) = match enter_jail(
+        channel_fd,
+        &profile,
+        &who,
+        "rampart worker: panic (a bug); aborting\n",
+        Vec::new(),
+    ) {
+        Ok(entered) => entered,
+        Err(code) => return code,
+    };
     let max_connections = launch.max_connections.max(1) as usize;
     let mut worker = Worker {
         id: launch.id,
@@ -435,15 +459,8 @@ impl Worker {
                 }
             };
             let address = entry.address.clone();
-            let Some(info) = self.state.listeners().get(&address).map(ListenerInfo::from_proto) else {
-                continue;
-            };
-            let protocol = self
-                .state
-                .listeners()
-                .get(&address)
-                .map(|l| l.protocol)
-                .unwrap_or_default();
+            let protocol = entry.protocol;
+            let Some(info) = entry.info.clone() else { continue };
             // HTTP sessions take their buffers when bytes arrive; a TCP pipe needs them now.
             let (a, b) = if protocol == proto::Protocol::Tcp as i32 {
                 let (Some(a), Some(b)) = (self.pool.checkout(), self.pool.checkout()) else {
@@ -500,6 +517,15 @@ impl Worker {
     }
 
     /// Registers the listeners the state says are active (and not paused), deregisters others.
+    /// Rebuilds what sessions learn about their listener, after the state or the sockets changed.
+    fn refresh_listener_info(&mut self) {
+        for (_, entry) in &mut self.listeners {
+            let listener = self.state.listeners().get(&entry.address);
+            entry.protocol = listener.map(|l| l.protocol).unwrap_or_default();
+            entry.info = listener.map(|l| Rc::new(ListenerInfo::from_proto(l)));
+        }
+    }
+
     fn sync_listeners(&mut self) {
         let accepting = !self.accepting_paused && self.stopping.is_none();
         for (index, entry) in &mut self.listeners {
@@ -546,7 +572,10 @@ impl Worker {
                         socket,
                         address,
                         registered: false,
+                        info: None,
+                        protocol: 0,
                     });
+                    self.refresh_listener_info();
                     self.sync_listeners();
                 }
                 Some(Kind::KeyringLink(_)) => {
@@ -712,6 +741,7 @@ impl Worker {
                             let _ = self.poll.registry().deregister(&mut l.socket);
                         }
                     }
+                    self.refresh_listener_info();
                     self.sync_listeners();
                     self.reply(order.sequence, true, change.to_string());
                 }
