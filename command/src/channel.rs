@@ -75,6 +75,8 @@ pub fn kind_name(message: &ChannelMessage) -> &'static str {
         Some(Kind::KeyringLink(_)) => "keyring_link",
         Some(Kind::SignRequest(_)) => "sign_request",
         Some(Kind::SignReply(_)) => "sign_reply",
+        Some(Kind::KeyMaterial(_)) => "key_material",
+        Some(Kind::KeyForget(_)) => "key_forget",
     }
 }
 

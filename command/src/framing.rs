@@ -7,6 +7,7 @@
 use std::io::{self, Read, Write};
 
 use prost::Message;
+use zeroize::Zeroize;
 
 /// Default cap on one frame's body.
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
@@ -135,6 +136,9 @@ impl FrameReader {
                 }
                 let body = self.buf.get(prefix..total).map(<[u8]>::to_vec).unwrap_or_default();
                 self.buf.drain(..total);
+                // A frame may carry a private key: what it occupied must not linger in the
+                // buffer's spare capacity.
+                self.buf.spare_capacity_mut().zeroize();
                 Ok(Some(body))
             }
         }
@@ -163,6 +167,13 @@ impl FrameReader {
     /// no partial frame is buffered, and [`FrameError::Truncated`] otherwise.
     pub fn read_frame<R: Read>(&mut self, reader: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
         let mut chunk = [0u8; 8192];
+        let result = self.read_frame_with(reader, &mut chunk);
+        // The stack copy of what was read is wiped too (frames may carry private keys).
+        chunk.zeroize();
+        result
+    }
+
+    fn read_frame_with<R: Read>(&mut self, reader: &mut R, chunk: &mut [u8]) -> Result<Option<Vec<u8>>, FrameError> {
         loop {
             if let Some(body) = self.next_frame()? {
                 return Ok(Some(body));

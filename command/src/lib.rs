@@ -17,6 +17,7 @@
 pub mod channel;
 pub mod config;
 pub mod framing;
+pub mod keyfile;
 pub mod state;
 
 /// Generated protobuf messages (see `proto/command.proto`).

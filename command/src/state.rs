@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use base64::Engine;
 use prost::Message;
 use sha2::{Digest, Sha256};
+use zeroize::Zeroize;
 
 use crate::proto::{self, request::Kind};
 
@@ -354,6 +355,12 @@ pub fn certificate_fingerprint(pem: &str) -> Result<String, StateError> {
     Ok(hex::encode(Sha256::digest(&der)))
 }
 
+/// Two certificate entries are the same whether or not either holds its private key: a
+/// certificate determines its key (the supervisor checks that they match).
+fn same_certificate(a: &proto::Certificate, b: &proto::Certificate) -> bool {
+    a.address == b.address && a.certificate == b.certificate && a.chain == b.chain && a.names == b.names
+}
+
 fn check_certificate(cert: &proto::Certificate, keys_elsewhere: bool) -> Result<String, StateError> {
     let fingerprint = certificate_fingerprint(&cert.certificate)?;
     for (i, chain) in cert.chain.iter().enumerate() {
@@ -457,6 +464,15 @@ pub fn is_state_change(request: &proto::Request) -> bool {
     )
 }
 
+/// Writes requests as [`State::save`] does: one JSON request per line.
+pub fn save_requests<W: std::io::Write>(requests: &[proto::Request], out: &mut W) -> std::io::Result<()> {
+    for r in requests {
+        serde_json::to_writer(&mut *out, r)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
 fn request(kind: Kind) -> proto::Request {
     proto::Request {
         id: String::new(),
@@ -494,6 +510,29 @@ impl State {
             keys_elsewhere: true,
             ..Self::default()
         }
+    }
+
+    /// Moves every certificate's private key out of the state, which from then on holds
+    /// certificates without keys (the supervisor's, under key isolation, once the keys are in the
+    /// keyring's hands). Returns each key once, with its certificate's fingerprint, even when the
+    /// certificate serves several listeners.
+    pub fn take_keys(&mut self) -> Vec<(String, String)> {
+        self.keys_elsewhere = true;
+        let mut out: Vec<(String, String)> = Vec::new();
+        for ((_, fingerprint), c) in &mut self.certificates {
+            let mut key = std::mem::take(&mut c.key);
+            if key.is_empty() || out.iter().any(|(f, _)| f == fingerprint) {
+                key.zeroize();
+                continue;
+            }
+            out.push((fingerprint.clone(), key));
+        }
+        out
+    }
+
+    /// True when certificates are held without their private keys.
+    pub fn keys_elsewhere(&self) -> bool {
+        self.keys_elsewhere
     }
 
     pub fn listeners(&self) -> &BTreeMap<String, proto::Listener> {
@@ -1048,12 +1087,16 @@ impl State {
     }
 
     /// SHA-256 of the canonical form: the dump's requests, each length-delimited, after a
-    /// domain-separation tag.
+    /// domain-separation tag. Private keys are left out: a certificate determines its key, and
+    /// the hash is the same wherever the keys are held.
     pub fn hash(&self) -> [u8; 32] {
         let mut hasher = Sha256::new();
         hasher.update(b"rampart-state-v1\0");
         let mut buf = Vec::new();
-        for r in self.to_requests() {
+        for mut r in self.to_requests() {
+            if let Some(Kind::AddCertificate(c)) = &mut r.kind {
+                c.key.zeroize();
+            }
             buf.clear();
             if r.encode_length_delimited(&mut buf).is_ok() {
                 hasher.update(&buf);
@@ -1068,11 +1111,7 @@ impl State {
 
     /// Saves as JSON lines: one request per line, which `load` replays.
     pub fn save<W: std::io::Write>(&self, out: &mut W) -> std::io::Result<()> {
-        for r in self.to_requests() {
-            serde_json::to_writer(&mut *out, &r)?;
-            out.write_all(b"\n")?;
-        }
-        out.flush()
+        save_requests(&self.to_requests(), out)
     }
 
     /// Loads a state saved by [`save`](Self::save), validating every line.
@@ -1120,7 +1159,7 @@ impl State {
         }
         for ((address, fingerprint), c) in &self.certificates {
             let key = (address.clone(), fingerprint.clone());
-            if target.certificates.get(&key) != Some(c) || recreated(address) {
+            if !target.certificates.get(&key).is_some_and(|t| same_certificate(t, c)) || recreated(address) {
                 out.push(request(Kind::RemoveCertificate(proto::CertificateId {
                     address: address.clone(),
                     fingerprint: fingerprint.clone(),
@@ -1179,7 +1218,7 @@ impl State {
             }
         }
         for (key, c) in &target.certificates {
-            if self.certificates.get(key) != Some(c) || recreated(&key.0) {
+            if !self.certificates.get(key).is_some_and(|s| same_certificate(s, c)) || recreated(&key.0) {
                 out.push(request(Kind::AddCertificate(c.clone())));
             }
         }

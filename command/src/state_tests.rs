@@ -808,3 +808,42 @@ fn diff_is_minimal_for_small_changes() {
     let back: Vec<_> = b.diff(&a).iter().map(crate::request_kind_name).collect();
     assert_eq!(back, vec!["remove_http_frontend", "add_backend"]);
 }
+
+/// The supervisor's state under key isolation: the keys move out, each once, and nothing else
+/// changes: not the hash, not the diff against a state that still holds them.
+#[test]
+fn keys_taken_out_leave_the_same_state() {
+    let mut s = base();
+    s.apply(&req(Kind::AddListener(proto::Listener {
+        address: "127.0.0.1:8443".into(),
+        protocol: proto::Protocol::Https as i32,
+        active: true,
+        ..Default::default()
+    })))
+    .unwrap();
+    s.apply(&req(Kind::AddCertificate(cert("127.0.0.1:443", 1)))).unwrap();
+    s.apply(&req(Kind::AddCertificate(cert("127.0.0.1:8443", 1)))).unwrap();
+    s.apply(&req(Kind::AddCertificate(cert("127.0.0.1:443", 2)))).unwrap();
+    let with_keys = s.clone();
+    let keys = s.take_keys();
+    let fingerprints: Vec<&str> = keys.iter().map(|(fp, _)| fp.as_str()).collect();
+    assert_eq!(
+        keys.len(),
+        2,
+        "one key per certificate, not per listener: {fingerprints:?}"
+    );
+    for (fp, key) in &keys {
+        let original = with_keys.certificates().find(|(f, _)| f == fp).unwrap().1;
+        assert_eq!(key, &original.key);
+    }
+    assert!(s.keys_elsewhere());
+    assert!(s.certificates().all(|(_, c)| c.key.is_empty()));
+    assert_eq!(s.hash(), with_keys.hash(), "private keys are not part of the hash");
+    assert!(s.diff(&with_keys).is_empty(), "{:?}", s.diff(&with_keys));
+    assert!(with_keys.diff(&s).is_empty());
+    // A certificate without its key is still accepted once keys live elsewhere.
+    let mut keyless = cert("127.0.0.1:443", 3);
+    keyless.key = String::new();
+    s.apply(&req(Kind::AddCertificate(keyless.clone()))).unwrap();
+    assert!(with_keys.clone().apply(&req(Kind::AddCertificate(keyless))).is_err());
+}

@@ -484,6 +484,44 @@ fn enter_seccomp(profile: &Profile) -> Result<(usize, usize, Vec<&'static str>),
 /// A panic in a jailed process must end in SIGABRT: a backtrace would open /proc/self/maps and
 /// the executable (and be killed by SIGSYS instead). This hook writes a fixed message to fd 2
 /// with one `write` and aborts.
+/// Keeps a process's memory out of swap, for one that holds secrets (the keyring). Call it while
+/// the process is still root, before [`Jail::enter`]; returns a line for the jail report.
+///
+/// Where RLIMIT_MEMLOCK can be raised to unlimited (CAP_SYS_RESOURCE), every mapping, present and
+/// future, is locked as it is touched. Where it cannot (a container that withholds
+/// CAP_SYS_RESOURCE even from root), locking future mappings would be a trap: once privileges are
+/// dropped, each new mapping counts against the limit, which the locked total already exceeds,
+/// and every allocation past the current heap fails. So glibc is told to keep its heap,
+/// `heap_reserve` bytes are added to it, and only the mappings made so far are locked: the keys,
+/// allocated after this, land in the reserve.
+pub fn lock_memory(heap_reserve: usize) -> String {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    let raised = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY).is_ok();
+    if raised {
+        // SAFETY: mlockall only changes how this process's pages are paged.
+        if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) } == 0 {
+            return "memory locked (mlockall on fault, present and future mappings): keys never reach swap".into();
+        }
+    } else {
+        // SAFETY: mallopt only tunes glibc's allocator; malloc/free of a block nobody else sees.
+        unsafe {
+            // Never give the top of the heap back, and serve blocks up to 32 MiB from it.
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            let reserve = libc::malloc(heap_reserve);
+            libc::free(reserve);
+        }
+        // SAFETY: as above.
+        if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_ONFAULT) } == 0 {
+            return format!(
+                "memory locked on fault: the mappings made before the jail, with a {} MiB heap reserve for the keys (RLIMIT_MEMLOCK cannot be raised here, so later mappings are not locked)",
+                heap_reserve >> 20
+            );
+        }
+    }
+    "memory could not be locked: keys may reach swap".into()
+}
+
 pub fn install_panic_hook(message: &'static str) {
     std::panic::set_hook(Box::new(move |_| {
         // SAFETY: write(2) from a static buffer; abort() never returns.

@@ -42,6 +42,7 @@ struct ChildArgs {
     probe: String,
     allowed_port: u16,
     landlock_only: bool,
+    lock_memory: bool,
     parent: u64,
     syscall_args: Vec<u64>,
 }
@@ -51,6 +52,7 @@ fn parse_child_args(args: &[String]) -> ChildArgs {
         probe: String::new(),
         allowed_port: 0,
         landlock_only: false,
+        lock_memory: false,
         parent: 0,
         syscall_args: vec![],
     };
@@ -62,6 +64,11 @@ fn parse_child_args(args: &[String]) -> ChildArgs {
             "--parent" => out.parent = args[i + 1].parse().unwrap(),
             "--landlock-only" => {
                 out.landlock_only = true;
+                i += 1;
+                continue;
+            }
+            "--lock-memory" => {
+                out.lock_memory = true;
                 i += 1;
                 continue;
             }
@@ -112,6 +119,10 @@ fn child_main(args: ChildArgs) -> ! {
     // SAFETY: fd 3 was placed there by the parent for this process alone.
     let channel = Channel::from(unsafe { OwnedFd::from_raw_fd(CHANNEL_FD) });
     let profile = test_profile(args.allowed_port, args.landlock_only);
+    if args.lock_memory {
+        // What the keyring does before its jail.
+        rampart_sandbox::lock_memory(16 << 20);
+    }
     let mut poll = None;
     let mut prewarm = || {
         poll = Some(mio::Poll::new().map_err(|e| e.to_string())?);
@@ -673,6 +684,12 @@ fn works_alloc(port: u16) -> Result<(), String> {
     expect_stdout(&run("alloc_64m", port, &[]), "ok")
 }
 
+/// A process that locked its memory as the keyring does can still allocate once jailed (with
+/// mlockall(MCL_FUTURE) and a memlock limit it could not raise, it could not).
+fn works_alloc_locked(port: u16) -> Result<(), String> {
+    expect_stdout(&run("alloc_64m", port, &["--lock-memory".to_string()]), "ok")
+}
+
 fn works_hashmap(port: u16) -> Result<(), String> {
     expect_stdout(&run("hashmap", port, &[]), "ok 10000")
 }
@@ -969,7 +986,7 @@ fn main() {
     }
     let mut tests: Vec<(String, Option<TestFn>)> =
         FORBIDDEN.iter().map(|name| (format!("killed_{name}"), None)).collect();
-    let named: [(&str, TestFn); 8] = [
+    let named: [(&str, TestFn); 9] = [
         ("landlock_alone_refuses_bind_and_other_ports", landlock_alone),
         ("argument_filters_allow_the_value_and_kill_mutations", argument_filters),
         (
@@ -981,6 +998,7 @@ fn main() {
             tls_handshake_from_channel_bytes,
         ),
         ("allocates_64_mib", works_alloc),
+        ("allocates_64_mib_with_memory_locked", works_alloc_locked),
         ("uses_a_hashmap", works_hashmap),
         ("panic_ends_in_sigabrt", panic_is_sigabrt),
         ("report_and_proc_status_show_the_jail", report_and_outside_view),

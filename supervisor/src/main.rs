@@ -4,6 +4,7 @@ mod audit;
 mod client;
 mod log;
 mod server;
+mod wipe;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +12,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use rampart_command::config::Config;
 use rampart_policy::profile::{Profile, ProfileOptions};
+
+#[global_allocator]
+static ALLOCATOR: wipe::WipingAllocator = wipe::WipingAllocator;
 
 pub(crate) const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("RAMPART_GIT_REVISION"), ")");
 
@@ -105,6 +109,10 @@ enum ConfigAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Worker { .. }) {
+        // Every process but a worker may hold a private key at some point.
+        wipe::enable();
+    }
     let (config, json) = (cli.config, cli.json);
     match cli.command {
         Command::Start { sandbox_off } => start(config, sandbox_off),

@@ -7,7 +7,7 @@
 //! and signals (signalfd). It holds the authoritative state: a request is validated and applied
 //! here first, then sent to every worker, and answered when every worker acknowledged it.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -26,8 +26,9 @@ use nix::unistd::Pid;
 use rampart_command::channel::{Channel, ChannelError};
 use rampart_command::config::Config;
 use rampart_command::framing::{FrameError, FrameReader, decode_request, encode_frame};
+use rampart_command::keyfile::KeyFile;
 use rampart_command::proto::{self, ChannelMessage, channel_message::Kind as ChannelKind, request::Kind};
-use rampart_command::state::{State, is_state_change};
+use rampart_command::state::{State, certificate_fingerprint, is_state_change};
 use rampart_policy::profile::{ConnectRule, Profile, ProfileOptions, WorkerJailParams};
 use rampart_worker::{CHANNEL_FD, WorkerLaunch};
 
@@ -77,6 +78,24 @@ fn check_key(c: &proto::Certificate) -> Result<(), String> {
     Ok(())
 }
 
+/// Calls `f` on every certificate a request adds.
+fn visit_certificates(request: &mut proto::Request, f: &mut impl FnMut(&mut proto::Certificate)) {
+    match &mut request.kind {
+        Some(Kind::AddCertificate(c)) => f(c),
+        Some(Kind::ReplaceCertificate(r)) => {
+            if let Some(c) = &mut r.new_certificate {
+                f(c);
+            }
+        }
+        Some(Kind::Apply(batch)) => {
+            for r in &mut batch.requests {
+                visit_certificates(r, f);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Every certificate a request adds, checked by [`check_key`].
 fn check_keys(request: &proto::Request) -> Result<(), String> {
     match &request.kind {
@@ -84,20 +103,6 @@ fn check_keys(request: &proto::Request) -> Result<(), String> {
         Some(Kind::ReplaceCertificate(r)) => r.new_certificate.as_ref().map_or(Ok(()), check_key),
         Some(Kind::Apply(batch)) => batch.requests.iter().try_for_each(check_keys),
         _ => Ok(()),
-    }
-}
-
-/// Removes private keys from a request (what workers receive under key isolation).
-fn strip_keys(request: &mut proto::Request) {
-    match &mut request.kind {
-        Some(Kind::AddCertificate(c)) => c.key.clear(),
-        Some(Kind::ReplaceCertificate(r)) => {
-            if let Some(c) = &mut r.new_certificate {
-                c.key.clear();
-            }
-        }
-        Some(Kind::Apply(batch)) => batch.requests.iter_mut().for_each(strip_keys),
-        _ => {}
     }
 }
 
@@ -210,6 +215,11 @@ pub struct Supervisor {
     /// The TLS session ticket key all workers share, and when it was made.
     ticket_key: Vec<u8>,
     ticket_key_made: Instant,
+    /// Under key isolation, the private keys by certificate fingerprint, each in a memory file
+    /// the supervisor does not map: the state holds certificates without keys.
+    vault: BTreeMap<String, KeyFile>,
+    /// The fingerprints whose keys the running keyring was given.
+    keyring_keys: BTreeSet<String>,
 }
 
 /// How long a session ticket key is used before a new one replaces it.
@@ -226,6 +236,23 @@ fn new_ticket_key() -> Vec<u8> {
         }
     }
     key
+}
+
+/// Writes a file only its owner can read (a saved state holds private keys).
+fn write_private_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 fn bind_listener(address: &str) -> Result<OwnedFd, StartError> {
@@ -302,9 +329,20 @@ impl Supervisor {
         if sandbox_off && config.sandbox.require_landlock {
             return Err(StartError::SandboxRequired);
         }
-        let state = config.to_state()?;
+        let mut state = config.to_state()?;
         for request in state.to_requests() {
             check_keys(&request).map_err(StartError::Certificate)?;
+        }
+        let mut vault = BTreeMap::new();
+        if config.key_isolation {
+            for (fingerprint, mut key) in state.take_keys() {
+                let file = KeyFile::create(&mut key).map_err(|e| {
+                    StartError::Certificate(format!(
+                        "certificate {fingerprint}: its key cannot be moved to a memory file: {e}"
+                    ))
+                })?;
+                vault.insert(fingerprint, file);
+            }
         }
 
         std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::Directory {
@@ -406,7 +444,17 @@ impl Supervisor {
             fresh_listeners: Vec::new(),
             ticket_key: new_ticket_key(),
             ticket_key_made: Instant::now(),
+            vault,
+            keyring_keys: BTreeSet::new(),
         };
+        if let Some(file) = supervisor.vault.values().next() {
+            let text = format!(
+                "{} private key(s) held for the keyring in {}; none in the supervisor's memory",
+                supervisor.vault.len(),
+                file.backing().describe()
+            );
+            supervisor.log.info(&text);
+        }
         if sandbox_off {
             supervisor
                 .log
@@ -825,13 +873,95 @@ impl Supervisor {
         self.send_owned(keyring, link(), b.into_fd());
     }
 
-    /// What a worker receives of a request: under key isolation, certificates without keys.
-    fn for_workers(&self, request: &proto::Request) -> proto::Request {
-        let mut r = request.clone();
-        if self.config.key_isolation {
-            strip_keys(&mut r);
+    /// Gives the running keyring the keys it lacks and has it forget those no certificate uses.
+    /// Called before any order that could need a new key, so that the keyring's acknowledgement
+    /// of the order means it holds the key.
+    fn sync_keyring(&mut self) {
+        let Some(keyring) = self.keyring_id() else {
+            self.keyring_keys.clear();
+            return;
+        };
+        let stale: Vec<String> = self
+            .keyring_keys
+            .iter()
+            .filter(|fp| !self.vault.contains_key(*fp))
+            .cloned()
+            .collect();
+        for fingerprint in stale {
+            self.keyring_keys.remove(&fingerprint);
+            let message = ChannelMessage {
+                kind: Some(ChannelKind::KeyForget(proto::KeyForget { fingerprint })),
+            };
+            self.send(keyring, message, None);
         }
-        r
+        let missing: Vec<String> = self
+            .vault
+            .keys()
+            .filter(|fp| !self.keyring_keys.contains(*fp))
+            .cloned()
+            .collect();
+        for fingerprint in missing {
+            // The message's copies of the key (this one, its encoding, the outbox entry) are
+            // wiped when freed, like every block the supervisor frees.
+            let key = match self.vault.get(&fingerprint).map(|file| file.with_key(<[u8]>::to_vec)) {
+                Some(Ok(key)) => key,
+                Some(Err(e)) => {
+                    self.log
+                        .error(&format!("certificate {fingerprint}: cannot read its key back: {e}"));
+                    continue;
+                }
+                None => continue,
+            };
+            self.keyring_keys.insert(fingerprint.clone());
+            let message = ChannelMessage {
+                kind: Some(ChannelKind::KeyMaterial(proto::KeyMaterial { fingerprint, key })),
+            };
+            self.send(keyring, message, None);
+        }
+    }
+
+    /// Drops the keys of certificates the state no longer has (removed, replaced, or never
+    /// applied because their request failed).
+    fn forget_unused_keys(&mut self) {
+        if self.vault.is_empty() {
+            return;
+        }
+        let used: HashSet<&str> = self.state.certificates().map(|(fp, _)| fp).collect();
+        self.vault.retain(|fp, _| used.contains(fp.as_str()));
+    }
+
+    /// Checks every private key a request carries against its certificate. Under key isolation,
+    /// also moves each key into a memory file and wipes it from the request: from here on, the
+    /// request, its audit record and the state hold certificates without keys.
+    fn take_keys(&mut self, request: &mut proto::Request) -> Result<(), String> {
+        let mut first_error = None;
+        let isolation = self.config.key_isolation;
+        let mut take = |c: &mut proto::Certificate| {
+            if c.key.is_empty() {
+                return;
+            }
+            let checked =
+                check_key(c).and_then(|()| certificate_fingerprint(&c.certificate).map_err(|e| e.to_string()));
+            match checked {
+                Ok(fingerprint) if isolation => match KeyFile::create(&mut c.key) {
+                    Ok(file) => {
+                        self.vault.insert(fingerprint, file);
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(format!("its key cannot be moved to a memory file: {e}"));
+                    }
+                },
+                Ok(_) => {}
+                Err(e) => {
+                    if isolation {
+                        zeroize::Zeroize::zeroize(&mut c.key);
+                    }
+                    first_error.get_or_insert(e);
+                }
+            }
+        };
+        visit_certificates(request, &mut take);
+        first_error.map_or(Ok(()), Err)
     }
 
     fn send_order(&mut self, id: u32, sequence: u64, request: proto::Request) {
@@ -942,11 +1072,8 @@ impl Supervisor {
         }
         if is_keyring {
             // The keys, then a link to every running worker.
-            for request in self.state.to_requests() {
-                if matches!(request.kind, Some(Kind::AddCertificate(_))) {
-                    self.send_order(id, 0, request);
-                }
-            }
+            self.keyring_keys.clear();
+            self.sync_keyring();
             let workers: Vec<u32> = self.running_workers().into_iter().filter(|w| *w != id).collect();
             for w in workers {
                 self.link_keyring(w);
@@ -961,7 +1088,6 @@ impl Supervisor {
         };
         self.send(id, keys, None);
         for request in self.state.to_requests() {
-            let request = self.for_workers(&request);
             self.send_order(id, 0, request);
         }
         self.link_keyring(id);
@@ -1203,7 +1329,17 @@ impl Supervisor {
         }
     }
 
-    fn handle(&mut self, key: usize, peer: Peer, request: proto::Request) {
+    fn handle(&mut self, key: usize, peer: Peer, mut request: proto::Request) {
+        // Before anything else looks at it: under key isolation a private key leaves the
+        // supervisor's memory as soon as it arrives.
+        let key_check = self.take_keys(&mut request);
+        self.handle_request(key, peer, request, key_check);
+        // Keys of a request that was refused or failed are not kept.
+        self.forget_unused_keys();
+        self.sync_keyring();
+    }
+
+    fn handle_request(&mut self, key: usize, peer: Peer, request: proto::Request, key_check: Result<(), String>) {
         let id = request.id.clone();
         let kind = rampart_command::request_kind_name(&request);
         if let Err(reason) = self.audit.authorize(&peer, &request, &self.state) {
@@ -1213,18 +1349,19 @@ impl Supervisor {
             return;
         }
         if is_state_change(&request) {
-            self.state_change(key, peer, request);
+            self.state_change(key, peer, request, key_check);
             return;
         }
         if let Some(Kind::LoadState(p)) = &request.kind {
             // Loading a saved state is one atomic batch: the difference from the running state.
             match self.load_state(&p.path) {
                 Ok(requests) => {
-                    let batch = proto::Request {
+                    let mut batch = proto::Request {
                         id: id.clone(),
                         kind: Some(Kind::Apply(proto::Batch { requests })),
                     };
-                    self.state_change(key, peer, batch);
+                    let key_check = self.take_keys(&mut batch);
+                    self.state_change(key, peer, batch, key_check);
                 }
                 Err(message) => self.respond(key, &id, false, message, None),
             }
@@ -1237,9 +1374,9 @@ impl Supervisor {
         }
     }
 
-    fn state_change(&mut self, key: usize, peer: Peer, request: proto::Request) {
+    fn state_change(&mut self, key: usize, peer: Peer, request: proto::Request, key_check: Result<(), String>) {
         let id = request.id.clone();
-        if let Err(message) = check_keys(&request) {
+        if let Err(message) = key_check {
             let message = format!("invalid certificate: {message}");
             self.audit.denied(&peer, &request, "invalid_certificate", &message);
             self.respond(key, &id, false, message, None);
@@ -1317,17 +1454,14 @@ impl Supervisor {
             self.respond(key, &id, true, message, None);
             return;
         }
+        // The keyring gets new keys before the order it acknowledges.
+        self.forget_unused_keys();
+        self.sync_keyring();
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let workers = self.running_workers();
         for w in &workers {
-            let is_keyring = self.workers.get(*w as usize).is_some_and(|s| s.keyring);
-            let r = if is_keyring {
-                request.clone()
-            } else {
-                self.for_workers(&request)
-            };
-            self.send_order(*w, sequence, r);
+            self.send_order(*w, sequence, request.clone());
         }
         self.handoff_new_listeners();
         if workers.is_empty() {
@@ -1555,12 +1689,32 @@ impl Supervisor {
             Some(Kind::SaveState(p)) => {
                 let path = self.audit.state_path(&p.path)?;
                 let tmp = path.with_extension("tmp");
-                let mut out = Vec::new();
-                state.save(&mut out).map_err(|e| e.to_string())?;
-                std::fs::write(&tmp, &out)
+                // A saved state restores everything, keys included: they are read back from
+                // their memory files for the write, and every copy is wiped afterwards.
+                let mut requests = state.to_requests();
+                for r in &mut requests {
+                    if let Some(Kind::AddCertificate(c)) = &mut r.kind
+                        && c.key.is_empty()
+                        && let Some(file) = certificate_fingerprint(&c.certificate)
+                            .ok()
+                            .and_then(|fp| self.vault.get(&fp))
+                    {
+                        let key = file
+                            .with_key(|bytes| String::from_utf8_lossy(bytes).into_owned())
+                            .map_err(|e| format!("reading a private key back for the saved state failed: {e}"))?;
+                        c.key = key;
+                    }
+                }
+                let mut out = zeroize::Zeroizing::new(Vec::new());
+                let written = rampart_command::state::save_requests(&requests, &mut *out);
+                for r in &mut requests {
+                    visit_certificates(r, &mut |c| zeroize::Zeroize::zeroize(&mut c.key));
+                }
+                written.map_err(|e| e.to_string())?;
+                write_private_file(&tmp, &out)
                     .and_then(|()| std::fs::rename(&tmp, &path))
                     .map_err(|e| format!("{}: {e}", path.display()))?;
-                let message = format!("saved {} request(s) to {}", state.to_requests().len(), path.display());
+                let message = format!("saved {} request(s) to {}", requests.len(), path.display());
                 self.audit.system("state_saved", &message);
                 Ok((message, None))
             }

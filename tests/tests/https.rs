@@ -445,6 +445,199 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
     }
 }
 
+/// The base64 lines of a PEM key file's body: any copy of the PEM text contains each of them.
+fn pem_body_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 40)
+        .map(str::to_string)
+        .collect();
+    assert!(!lines.is_empty(), "{text}");
+    lines
+}
+
+/// What of a key a process's memory holds: its scalar, or a line of its PEM text.
+fn key_traces(pid: i32, scalar: &[u8], pem_lines: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    if memory_contains(pid, scalar) {
+        found.push("the private scalar".to_string());
+    }
+    for line in pem_lines {
+        if memory_contains_bytes(pid, line.as_bytes()) {
+            found.push(format!("PEM line {line}"));
+        }
+    }
+    found
+}
+
+/// Under key isolation the supervisor keeps no private key in its memory: not the key from a
+/// file named in the configuration, not one sent over the command socket, not after a state was
+/// saved (with the keys, mode 0600) and loaded again. A keyring respawned after that gets every key
+/// back, including the one added at runtime, and forgets a key whose certificate is removed.
+#[test]
+fn the_supervisor_zeroizes_its_copy_of_every_key() {
+    if !rampart_tests::require_root("the_supervisor_zeroizes_its_copy_of_every_key") || !require_tool("keys", "openssl")
+    {
+        return;
+    }
+    let certs = TempDir::new("https-zeroize");
+    certificate(certs.path(), "a", "a.test");
+    certificate(certs.path(), "b", "b.test");
+    let path = |stem: &str, ext: &str| certs.path().join(format!("{stem}.{ext}")).display().to_string();
+    let keys: Vec<(&str, Vec<u8>, Vec<String>)> = ["a", "b"]
+        .iter()
+        .map(|k| {
+            let key = certs.path().join(format!("{k}.key"));
+            (*k, private_scalar(&key), pem_body_lines(&key))
+        })
+        .collect();
+    let echo = EchoBackend::start();
+    let port = free_port();
+    let config = format!(
+        r#"{head}
+[[listeners]]
+address = "127.0.0.1:{port}"
+protocol = "https"
+
+[clusters.site]
+backends = [ {{ address = "127.0.0.1:{e}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate = "{crt}", key = "{key}" }} ]
+"#,
+        head = config_head(Path::new("{dir}"), 1),
+        e = echo.port,
+        crt = path("a", "crt"),
+        key = path("a", "key"),
+    );
+    let r = Rampart::start("https-zeroize", &config);
+    let get = |name: &str| {
+        Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"])
+            .args(["--resolve", &format!("{name}:{port}:127.0.0.1")])
+            .arg(format!("https://{name}:{port}/"))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap()
+    };
+    let add_b = || {
+        r.ctl(&[
+            "certificate",
+            "add",
+            "--address",
+            &format!("127.0.0.1:{port}"),
+            "--certificate",
+            &path("b", "crt"),
+            "--key",
+            &path("b", "key"),
+            "--name",
+            "b.test",
+        ])
+    };
+    r.ctl(&[
+        "frontend",
+        "https",
+        "add",
+        "--address",
+        &format!("127.0.0.1:{port}"),
+        "--hostname",
+        "b.test",
+        "--cluster",
+        "site",
+    ]);
+    add_b();
+    assert_eq!(get("a.test"), "200");
+    assert_eq!(get("b.test"), "200");
+    let supervisor = r.child.id() as i32;
+    let no_key_in_supervisor = |when: &str| {
+        // The search works on this process: the certificates themselves are in its state.
+        let cert_lines = pem_body_lines(&certs.path().join("b.crt"));
+        assert!(
+            memory_contains_bytes(supervisor, cert_lines[1].as_bytes()),
+            "{when}: the search does not find the certificate the supervisor holds"
+        );
+        for (name, scalar, lines) in &keys {
+            let found = key_traces(supervisor, scalar, lines);
+            assert!(
+                found.is_empty(),
+                "{when}: key {name} is in the supervisor's memory: {found:?}"
+            );
+        }
+    };
+    no_key_in_supervisor("after start and a certificate added over the socket");
+    assert!(
+        r.log_text().contains("none in the supervisor's memory"),
+        "{}",
+        r.log_text()
+    );
+
+    // A saved state restores the keys: it holds them, so only its owner may read it.
+    r.ctl(&["state", "save", "keys.jsonl"]);
+    let saved = r.dir.path().join("state/keys.jsonl");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&saved).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "a saved state with private keys is private");
+    let saved_text = std::fs::read_to_string(&saved).unwrap();
+    assert!(keys.iter().all(|(_, _, lines)| saved_text.contains(&lines[0])));
+    // b goes, the saved state brings it back (its key from the file).
+    let fingerprint = {
+        let list: serde_json::Value = serde_json::from_str(&r.ctl(&["certificate", "list", "--json"])).unwrap();
+        list["content"]["certificates"]["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["names"].to_string().contains("b.test"))
+            .map(|c| c["fingerprint"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    let keyring = role_pids(&r, "keyring");
+    assert_eq!(keyring.len(), 1);
+    assert!(memory_contains(keyring[0], &keys[1].1), "the keyring holds b's key");
+    r.ctl(&[
+        "certificate",
+        "remove",
+        "--address",
+        &format!("127.0.0.1:{port}"),
+        "--fingerprint",
+        &fingerprint,
+    ]);
+    assert!(
+        !served_cn(port, Some("b.test")).contains("CN = b.test"),
+        "b's certificate is gone"
+    );
+    assert!(
+        !memory_contains(keyring[0], &keys[1].1),
+        "the keyring forgot the key of a removed certificate"
+    );
+    r.ctl(&["state", "load", "keys.jsonl"]);
+    assert!(
+        served_cn(port, Some("b.test")).contains("CN = b.test"),
+        "the saved state brought b back"
+    );
+    assert_eq!(get("b.test"), "200");
+    no_key_in_supervisor("after state save and load");
+
+    // A new keyring gets every key back from the supervisor, b's included.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(keyring[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let now = role_pids(&r, "keyring");
+        if now.len() == 1 && now[0] != keyring[0] && get("a.test") == "200" && get("b.test") == "200" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the respawned keyring does not serve both keys:\n{}",
+            r.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(served_cn(port, Some("b.test")).contains("CN = b.test"));
+    no_key_in_supervisor("after the keyring was respawned");
+}
+
 /// `openssl req` with any key options (for RSA sizes and other curves).
 fn certificate_with(dir: &Path, stem: &str, name: &str, key_args: &[&str]) {
     let out = Command::new("openssl")

@@ -23,6 +23,7 @@ use mio::{Events, Interest, Token};
 use rampart_command::channel::{Channel, ChannelError};
 use rampart_command::proto::{self, ChannelMessage, channel_message::Kind, request::Kind as RequestKind};
 use rampart_policy::profile::Profile;
+use zeroize::Zeroize;
 
 use crate::WorkerLaunch;
 
@@ -183,28 +184,20 @@ fn sign(key: &PKey<Private>, algorithm: u32, input: &[u8]) -> Result<Vec<u8>, St
 
 const SUPERVISOR: Token = Token(0);
 
+/// Heap kept for keys where only the memory mapped before the jail can be locked.
+const KEYRING_HEAP_RESERVE: usize = 16 << 20;
+
 /// The keyring process's whole life. Returns the exit code.
 pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
     let profile = Profile::keyring(&launch.jail);
-    // Keep the keys out of swap: lock every page as it is touched (MCL_ONFAULT: no page is
-    // faulted in just to lock it). The limit is raised first while the process may still do so.
-    let locked = {
-        let unlimited = nix::sys::resource::RLIM_INFINITY;
-        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK, unlimited, unlimited);
-        // SAFETY: mlockall only changes how this process's pages are paged.
-        unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) == 0 }
-    };
-    let note = if locked {
-        "memory locked (mlockall, on fault): keys never reach swap"
-    } else {
-        "memory could not be locked: keys may reach swap"
-    };
+    // Keep the keys out of swap (pages are locked as they are touched), while still root.
+    let note = rampart_sandbox::lock_memory(KEYRING_HEAP_RESERVE);
     let (channel, mut poll) = match crate::enter_jail(
         channel_fd,
         &profile,
         "the keyring",
         "rampart keyring: panic (a bug); aborting\n",
-        vec![note.to_string()],
+        vec![note],
     ) {
         Ok(entered) => entered,
         Err(code) => return code,
@@ -218,6 +211,7 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         return 5;
     }
     let mut keys: HashMap<String, PKey<Private>> = HashMap::new();
+    let mut key_error: Option<String> = None;
     // Each worker's link and the replies waiting for room in it.
     let mut workers: slab::Slab<(Channel, std::collections::VecDeque<proto::SignReply>)> = slab::Slab::new();
     let mut events = Events::with_capacity(64);
@@ -255,12 +249,42 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                                 }
                             }
                         }
+                        Some(Kind::KeyMaterial(mut material)) => {
+                            let loaded = PKey::private_key_from_pem(&material.key)
+                                .map_err(|e| format!("the key does not parse: {e}"));
+                            material.key.zeroize();
+                            match loaded {
+                                Ok(key) => {
+                                    keys.insert(material.fingerprint.to_ascii_lowercase(), key);
+                                }
+                                Err(e) => {
+                                    let message = format!("key of {}: {e}", material.fingerprint);
+                                    let line = proto::LogLine {
+                                        level: crate::LOG_ERROR,
+                                        target: "keyring".into(),
+                                        message: message.clone(),
+                                    };
+                                    let _ = channel.send(
+                                        &ChannelMessage {
+                                            kind: Some(Kind::Log(line)),
+                                        },
+                                        &[],
+                                    );
+                                    key_error.get_or_insert(message);
+                                }
+                            }
+                        }
+                        Some(Kind::KeyForget(forget)) => {
+                            keys.remove(&forget.fingerprint.to_ascii_lowercase());
+                        }
                         Some(Kind::Order(order)) => {
                             let stop = matches!(
                                 order.request.as_ref().and_then(|r| r.kind.as_ref()),
                                 Some(RequestKind::SoftStop(_) | RequestKind::HardStop(_))
                             );
-                            let reply = apply_key_order(&mut keys, order.request);
+                            // Keys come in their own messages, before the order that needs them;
+                            // the acknowledgement reports a key that could not be loaded.
+                            let reply = key_error.take().map_or(Ok(()), Err);
                             let reply = proto::WorkerReply {
                                 sequence: order.sequence,
                                 status: if reply.is_ok() {
@@ -347,34 +371,4 @@ fn flush_replies(workers: &mut slab::Slab<(Channel, std::collections::VecDeque<p
             }
         }
     }
-}
-
-/// Certificate requests change the keys the keyring holds; anything else is acknowledged.
-fn apply_key_order(keys: &mut HashMap<String, PKey<Private>>, request: Option<proto::Request>) -> Result<(), String> {
-    let Some(request) = request else { return Ok(()) };
-    match request.kind {
-        Some(RequestKind::AddCertificate(c)) => add_key(keys, &c),
-        Some(RequestKind::RemoveCertificate(c)) => {
-            keys.remove(&c.fingerprint.to_ascii_lowercase());
-            Ok(())
-        }
-        Some(RequestKind::ReplaceCertificate(r)) => {
-            keys.remove(&r.old_fingerprint.to_ascii_lowercase());
-            r.new_certificate.as_ref().map_or(Ok(()), |c| add_key(keys, c))
-        }
-        Some(RequestKind::Apply(batch)) => {
-            for r in batch.requests {
-                apply_key_order(keys, Some(r))?;
-            }
-            Ok(())
-        }
-        _ => Ok(()),
-    }
-}
-
-fn add_key(keys: &mut HashMap<String, PKey<Private>>, c: &proto::Certificate) -> Result<(), String> {
-    let fingerprint = rampart_command::state::certificate_fingerprint(&c.certificate).map_err(|e| e.to_string())?;
-    let key = PKey::private_key_from_pem(c.key.as_bytes()).map_err(|e| format!("key of {fingerprint}: {e}"))?;
-    keys.insert(fingerprint, key);
-    Ok(())
 }
