@@ -102,7 +102,9 @@ fn sealed_fd() -> io::Result<OwnedFd> {
 impl KeyFile {
     /// Moves `key` into a new memory file and zeroizes `key`, whatever the outcome.
     pub fn create(key: &mut String) -> io::Result<KeyFile> {
-        let result = Self::write(key.as_bytes(), true);
+        // memfd_secret can fail after the file exists (its mapping counts against
+        // RLIMIT_MEMLOCK without CAP_IPC_LOCK): a sealed memfd is the fallback in every case.
+        let result = Self::write(key.as_bytes(), true).or_else(|_| Self::write(key.as_bytes(), false));
         key.zeroize();
         result
     }

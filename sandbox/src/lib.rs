@@ -481,9 +481,6 @@ fn enter_seccomp(profile: &Profile) -> Result<(usize, usize, Vec<&'static str>),
     Ok((count, program.len(), skipped))
 }
 
-/// A panic in a jailed process must end in SIGABRT: a backtrace would open /proc/self/maps and
-/// the executable (and be killed by SIGSYS instead). This hook writes a fixed message to fd 2
-/// with one `write` and aborts.
 /// Keeps a process's memory out of swap, for one that holds secrets (the keyring). Call it while
 /// the process is still root, before [`Jail::enter`]; returns a line for the jail report.
 ///
@@ -522,6 +519,9 @@ pub fn lock_memory(heap_reserve: usize) -> String {
     "memory could not be locked: keys may reach swap".into()
 }
 
+/// A panic in a jailed process must end in SIGABRT: a backtrace would open /proc/self/maps and
+/// the executable (and be killed by SIGSYS instead). This hook writes a fixed message to fd 2
+/// with one `write` and aborts.
 pub fn install_panic_hook(message: &'static str) {
     std::panic::set_hook(Box::new(move |_| {
         // SAFETY: write(2) from a static buffer; abort() never returns.

@@ -671,6 +671,9 @@ impl Supervisor {
                     self.respond(p.client, &p.request_id, false, message, None);
                 }
             }
+            if self.pending.is_empty() {
+                self.sync_keyring(true);
+            }
         }
         if let Some(deadline) = self.stop_deadline {
             let alive = self.workers.iter().filter(|w| w.pid.is_some()).count();
@@ -873,20 +876,23 @@ impl Supervisor {
         self.send_owned(keyring, link(), b.into_fd());
     }
 
-    /// Gives the running keyring the keys it lacks and has it forget those no certificate uses.
-    /// Called before any order that could need a new key, so that the keyring's acknowledgement
-    /// of the order means it holds the key.
-    fn sync_keyring(&mut self) {
+    /// Gives the running keyring the keys it lacks and, with `forget`, has it forget those no
+    /// certificate uses. Called before any order that could need a new key, so that the keyring's
+    /// acknowledgement of the order means it holds the key.
+    fn sync_keyring(&mut self, forget: bool) {
         let Some(keyring) = self.keyring_id() else {
             self.keyring_keys.clear();
             return;
         };
-        let stale: Vec<String> = self
-            .keyring_keys
-            .iter()
-            .filter(|fp| !self.vault.contains_key(*fp))
-            .cloned()
-            .collect();
+        let stale: Vec<String> = if forget {
+            self.keyring_keys
+                .iter()
+                .filter(|fp| !self.vault.contains_key(*fp))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
         for fingerprint in stale {
             self.keyring_keys.remove(&fingerprint);
             let message = ChannelMessage {
@@ -938,6 +944,12 @@ impl Supervisor {
         let isolation = self.config.key_isolation;
         let mut take = |c: &mut proto::Certificate| {
             if c.key.is_empty() {
+                // Only a certificate whose key the supervisor already holds may come without it.
+                let held =
+                    isolation && certificate_fingerprint(&c.certificate).is_ok_and(|fp| self.vault.contains_key(&fp));
+                if !held {
+                    first_error.get_or_insert("the certificate comes without its private key".into());
+                }
                 return;
             }
             let checked =
@@ -1073,7 +1085,7 @@ impl Supervisor {
         if is_keyring {
             // The keys, then a link to every running worker.
             self.keyring_keys.clear();
-            self.sync_keyring();
+            self.sync_keyring(false);
             let workers: Vec<u32> = self.running_workers().into_iter().filter(|w| *w != id).collect();
             for w in workers {
                 self.link_keyring(w);
@@ -1142,6 +1154,9 @@ impl Supervisor {
 
     fn finish_pending(&mut self, sequence: u64) {
         if let Some(p) = self.pending.remove(&sequence) {
+            if self.pending.is_empty() {
+                self.sync_keyring(true);
+            }
             if self.client_serial(p.client) != Some(p.serial) {
                 return;
             }
@@ -1329,19 +1344,17 @@ impl Supervisor {
         }
     }
 
-    fn handle(&mut self, key: usize, peer: Peer, mut request: proto::Request) {
-        // Before anything else looks at it: under key isolation a private key leaves the
-        // supervisor's memory as soon as it arrives.
-        let key_check = self.take_keys(&mut request);
-        self.handle_request(key, peer, request, key_check);
+    fn handle(&mut self, key: usize, peer: Peer, request: proto::Request) {
+        self.handle_request(key, peer, request);
         // Keys of a request that was refused or failed are not kept.
         self.forget_unused_keys();
-        self.sync_keyring();
+        self.sync_keyring(self.pending.is_empty());
     }
 
-    fn handle_request(&mut self, key: usize, peer: Peer, request: proto::Request, key_check: Result<(), String>) {
+    fn handle_request(&mut self, key: usize, peer: Peer, mut request: proto::Request) {
         let id = request.id.clone();
         let kind = rampart_command::request_kind_name(&request);
+        // A refused request is dropped whole; the blocks that held its keys are wiped when freed.
         if let Err(reason) = self.audit.authorize(&peer, &request, &self.state) {
             self.log
                 .warn(&format!("uid {} pid {}: {kind} refused: {reason}", peer.uid, peer.pid));
@@ -1349,6 +1362,9 @@ impl Supervisor {
             return;
         }
         if is_state_change(&request) {
+            // Before anything else looks at it: under key isolation a private key leaves the
+            // supervisor's memory as soon as the request is authorized.
+            let key_check = self.take_keys(&mut request);
             self.state_change(key, peer, request, key_check);
             return;
         }
@@ -1454,9 +1470,10 @@ impl Supervisor {
             self.respond(key, &id, true, message, None);
             return;
         }
-        // The keyring gets new keys before the order it acknowledges.
+        // The keyring gets new keys before the order it acknowledges (and forgets old ones only
+        // once every process has the change, so that handshakes under way can finish).
         self.forget_unused_keys();
-        self.sync_keyring();
+        self.sync_keyring(false);
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let workers = self.running_workers();
@@ -1695,10 +1712,11 @@ impl Supervisor {
                 for r in &mut requests {
                     if let Some(Kind::AddCertificate(c)) = &mut r.kind
                         && c.key.is_empty()
-                        && let Some(file) = certificate_fingerprint(&c.certificate)
-                            .ok()
-                            .and_then(|fp| self.vault.get(&fp))
                     {
+                        let fingerprint = certificate_fingerprint(&c.certificate).map_err(|e| e.to_string())?;
+                        let file = self.vault.get(&fingerprint).ok_or_else(|| {
+                            format!("certificate {fingerprint}: its key is not held; the state was not saved")
+                        })?;
                         let key = file
                             .with_key(|bytes| String::from_utf8_lossy(bytes).into_owned())
                             .map_err(|e| format!("reading a private key back for the saved state failed: {e}"))?;

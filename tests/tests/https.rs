@@ -564,6 +564,30 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
         }
     };
     no_key_in_supervisor("after start and a certificate added over the socket");
+    // A certificate whose key the supervisor does not hold cannot come without one (the keyring
+    // could never sign for it).
+    certificate(certs.path(), "c", "c.test");
+    let keyless = {
+        use rampart_command::proto;
+        let request = proto::Request {
+            id: "keyless".into(),
+            kind: Some(proto::request::Kind::AddCertificate(proto::Certificate {
+                address: format!("127.0.0.1:{port}"),
+                certificate: std::fs::read_to_string(path("c", "crt")).unwrap(),
+                chain: vec![],
+                key: String::new(),
+                names: vec!["c.test".into()],
+            })),
+        };
+        let mut stream = std::os::unix::net::UnixStream::connect(&r.socket).unwrap();
+        std::io::Write::write_all(&mut stream, &rampart_command::framing::encode_frame(&request)).unwrap();
+        rampart_command::framing::FrameReader::default()
+            .read_message::<proto::Response, _>(&mut stream)
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(keyless.status, rampart_command::proto::ResponseStatus::Failure as i32);
+    assert!(keyless.message.contains("without its private key"), "{}", keyless.message);
     assert!(
         r.log_text().contains("none in the supervisor's memory"),
         "{}",
