@@ -587,7 +587,11 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
             .unwrap()
     };
     assert_eq!(keyless.status, rampart_command::proto::ResponseStatus::Failure as i32);
-    assert!(keyless.message.contains("without its private key"), "{}", keyless.message);
+    assert!(
+        keyless.message.contains("without its private key"),
+        "{}",
+        keyless.message
+    );
     assert!(
         r.log_text().contains("none in the supervisor's memory"),
         "{}",

@@ -79,12 +79,48 @@ struct RequestFacts {
     http10: bool,
     upgrade: bool,
     sticky: Option<Vec<u8>>,
-    request_id: String,
+    /// The client's X-Request-Id, or ours; shared by the request and response headers.
+    request_id: Option<Rc<[u8]>>,
     has_request_id: bool,
 }
 
+/// A request id: 16 hex digits, in one allocation shared by every header that carries it.
+fn new_request_id(rng: &mut Rng) -> Rc<[u8]> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut value = rng.next_u64();
+    let mut digits = [0u8; 16];
+    for d in digits.iter_mut().rev() {
+        *d = HEX.get((value & 0xf) as usize).copied().unwrap_or(b'0');
+        value >>= 4;
+    }
+    Rc::from(&digits[..])
+}
+
+/// What a request's headers say about the connection, the same for every request on it: built
+/// once per connection and shared (not copied) into each request's headers.
+pub struct ClientFacts {
+    ip: Rc<[u8]>,
+    forwarded: Rc<[u8]>,
+}
+
+impl ClientFacts {
+    fn new(peer: SocketAddr, listener: &ListenerInfo) -> ClientFacts {
+        let ip = peer.ip().to_string();
+        let proto = if listener.https { "https" } else { "http" };
+        let for_value = if peer.is_ipv6() {
+            format!("\"[{ip}]\"")
+        } else {
+            ip.clone()
+        };
+        ClientFacts {
+            ip: Rc::from(ip.as_bytes()),
+            forwarded: Rc::from(format!("for={for_value};proto={proto};by={}", listener.by).as_bytes()),
+        }
+    }
+}
+
 struct RequestCallbacks<'a> {
-    peer: SocketAddr,
+    client: &'a ClientFacts,
     listener: &'a ListenerInfo,
     rng: &'a mut Rng,
     facts: RequestFacts,
@@ -127,7 +163,7 @@ impl ParserCallbacks<Checkout> for RequestCallbacks<'_> {
                     // Ours replace whatever the client claimed.
                     elide = true;
                 } else if key.eq_ignore_ascii_case(b"x-request-id") && !value.is_empty() && value.len() <= 200 {
-                    self.facts.request_id = String::from_utf8_lossy(value).into_owned();
+                    self.facts.request_id = Some(Rc::from(String::from_utf8_lossy(value).as_bytes()));
                     self.facts.has_request_id = true;
                 }
             }
@@ -140,46 +176,33 @@ impl ParserCallbacks<Checkout> for RequestCallbacks<'_> {
                 self.facts.sticky = crumb.val.data_opt(buf).map(<[u8]>::to_vec);
             }
         }
-        let ip = self.peer.ip().to_string();
         let proto: &'static [u8] = if self.listener.https { b"https" } else { b"http" };
         match forwarded_for.and_then(|i| kawa.blocks.get_mut(i)) {
             Some(Block::Header(pair)) => {
-                let previous = pair
-                    .val
-                    .data_opt(buf)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default();
-                pair.val = Store::from_string(format!("{previous}, {ip}"));
+                let mut joined = pair.val.data_opt(buf).map(<[u8]>::to_vec).unwrap_or_default();
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(&self.client.ip);
+                pair.val = Store::from_vec(joined);
             }
-            _ => kawa.push_block(header(b"X-Forwarded-For", Store::from_string(ip.clone()))),
+            _ => kawa.push_block(header(b"X-Forwarded-For", Store::Shared(self.client.ip.clone(), 0))),
         }
         kawa.push_block(header(b"X-Forwarded-Proto", Store::Static(proto)));
         kawa.push_block(header(
             b"X-Forwarded-Port",
-            Store::from_string(self.listener.port.to_string()),
+            Store::Shared(self.listener.port_value.clone(), 0),
         ));
-        let for_value = if self.peer.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
-        kawa.push_block(header(
-            b"Forwarded",
-            Store::from_string(format!(
-                "for={for_value};proto={};by={}",
-                String::from_utf8_lossy(proto),
-                self.listener.by
-            )),
-        ));
+        kawa.push_block(header(b"Forwarded", Store::Shared(self.client.forwarded.clone(), 0)));
         if !self.facts.has_request_id {
-            self.facts.request_id = format!("{:016x}", self.rng.next_u64());
-            kawa.push_block(header(
-                b"X-Request-Id",
-                Store::from_string(self.facts.request_id.clone()),
-            ));
+            let id = new_request_id(self.rng);
+            kawa.push_block(header(b"X-Request-Id", Store::Shared(id.clone(), 0)));
+            self.facts.request_id = Some(id);
         }
     }
 }
 
 struct ResponseCallbacks<'a> {
     head: bool,
-    request_id: &'a str,
+    request_id: Option<&'a Rc<[u8]>>,
     set_cookie: Option<String>,
     close: bool,
     code: u16,
@@ -210,7 +233,9 @@ impl ParserCallbacks<Checkout> for ResponseCallbacks<'_> {
             self.close = true;
         }
         if self.code >= 200 || self.code == 101 {
-            kawa.push_block(header(b"X-Request-Id", Store::from_string(self.request_id.to_string())));
+            if let Some(id) = self.request_id {
+                kawa.push_block(header(b"X-Request-Id", Store::Shared(id.clone(), 0)));
+            }
             if let Some(cookie) = self.set_cookie.take() {
                 kawa.push_block(header(b"Set-Cookie", Store::from_string(cookie)));
             }
@@ -367,7 +392,7 @@ fn write_raw<S: Write>(stream: &mut S, kawa: &mut Kawa<Checkout>) -> Io {
 
 pub struct HttpSession {
     pub front: FrontStream,
-    peer: SocketAddr,
+    client: ClientFacts,
     pub listener: Rc<ListenerInfo>,
     back_token: Token,
     front_readable: bool,
@@ -408,7 +433,7 @@ impl HttpSession {
         let idle = listener.timeouts.client_idle.unwrap_or(timeouts.client_idle);
         HttpSession {
             front,
-            peer,
+            client: ClientFacts::new(peer, &listener),
             listener,
             back_token,
             front_readable: true,
@@ -471,13 +496,11 @@ impl HttpSession {
             .as_ref()
             .and_then(|c| ctx.balancers.clusters.get(c))
             .map(|c| c.answer_503.as_str());
-        if self.facts.request_id.is_empty() {
-            self.facts.request_id = format!("{:016x}", ctx.rng.next_u64());
-        }
+        let id = self.facts.request_id.get_or_insert_with(|| new_request_id(ctx.rng));
         self.answer = crate::answers::render(
             code,
             close,
-            &self.facts.request_id,
+            std::str::from_utf8(id).unwrap_or_default(),
             location,
             Some(&self.listener.answers),
             cluster_503,
@@ -561,7 +584,7 @@ impl HttpSession {
             self.deadline = ctx.now + self.listener.timeouts.request.unwrap_or(ctx.timeouts.request);
         }
         let mut callbacks = RequestCallbacks {
-            peer: self.peer,
+            client: &self.client,
             listener: &self.listener,
             rng: ctx.rng,
             facts: RequestFacts::default(),
@@ -620,19 +643,13 @@ impl HttpSession {
             ),
             _ => (&b""[..], &b""[..], &b""[..]),
         };
-        let Some(cluster_id) = ctx.router.route(&self.listener.address, authority, path, method) else {
+        let router = ctx.router;
+        let Some(cluster_id) = router.route(&self.listener.address, authority, path, method) else {
             let close = !self.req.is_terminated();
             self.start_answer(ctx, 404, close, None);
             return Step::Progress;
         };
-        let cluster_id = cluster_id.to_string();
-        if !self.listener.https
-            && ctx
-                .balancers
-                .clusters
-                .get(&cluster_id)
-                .is_some_and(|c| c.https_redirect)
-        {
+        if !self.listener.https && ctx.balancers.clusters.get(cluster_id).is_some_and(|c| c.https_redirect) {
             let host = String::from_utf8_lossy(authority);
             let host = host.rsplit_once(':').map_or(host.as_ref(), |(h, _)| h).to_string();
             let uri = match &self.req.detached.status_line {
@@ -646,7 +663,10 @@ impl HttpSession {
             self.start_answer(ctx, 301, close, Some(&location));
             return Step::Progress;
         }
-        self.cluster = Some(cluster_id.clone());
+        // The same cluster as the previous request on this connection: no new string.
+        if self.cluster.as_deref() != Some(cluster_id) {
+            self.cluster = Some(cluster_id.to_string());
+        }
         self.tried.clear();
         self.connect_timed_out = false;
         // Reuse the kept-alive backend when it serves the same cluster.
@@ -658,7 +678,7 @@ impl HttpSession {
             && ctx
                 .balancers
                 .clusters
-                .get(&cluster_id)
+                .get(cluster_id)
                 .is_some_and(|c| c.backends.iter().any(|x| x.id == b.backend_id && x.weight > 0))
         {
             self.phase = Phase::Forward;
@@ -924,7 +944,7 @@ impl HttpSession {
     fn parse_response(&mut self, ctx: &mut Context<'_>) -> Option<Step> {
         let mut callbacks = ResponseCallbacks {
             head: self.facts.head,
-            request_id: &self.facts.request_id,
+            request_id: self.facts.request_id.as_ref(),
             set_cookie: self.set_cookie.take(),
             close: false,
             code: 0,

@@ -88,6 +88,8 @@ pub struct ListenerTimeouts {
 pub struct ListenerInfo {
     pub address: String,
     pub port: u16,
+    /// The port as the X-Forwarded-Port value, shared by every request's header.
+    pub port_value: Rc<[u8]>,
     pub https: bool,
     /// `by=` of the Forwarded header: the public address, or the listener's.
     pub by: String,
@@ -115,6 +117,7 @@ impl ListenerInfo {
         ListenerInfo {
             address: l.address.clone(),
             port,
+            port_value: Rc::from(port.to_string().as_bytes()),
             https: l.protocol == proto::Protocol::Https as i32,
             by,
             answers: l.answers.clone(),
