@@ -146,7 +146,8 @@ fn start(path: Option<PathBuf>, sandbox_off: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let log = log::Log::new(&config.log_target, &config.log_level);
+    let mut log = log::Log::new(&config.log_target, &config.log_level);
+    raise_nofile(&mut log);
     let mut supervisor = match server::Supervisor::start(config, sandbox_off, log) {
         Ok(s) => s,
         Err(e) => {
@@ -155,6 +156,24 @@ fn start(path: Option<PathBuf>, sandbox_off: bool) -> ExitCode {
         }
     };
     ExitCode::from(u8::try_from(supervisor.run()).unwrap_or(1))
+}
+
+/// The supervisor holds a descriptor per listener and worker slot, per command connection, and
+/// one per private key under key isolation: thousands of certificates need more than the usual
+/// soft limit of 1024. The soft limit goes up to the hard one (workers set their own in the jail).
+fn raise_nofile(log: &mut log::Log) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => log.info(&format!("open-file limit raised from {soft} to {hard}")),
+            Err(e) => log.warn(&format!(
+                "open-file limit stays at {soft} (raising it to {hard} failed: {e})"
+            )),
+        }
+    }
 }
 
 fn worker(channel_fd: i32, launch: &str, keyring: bool) -> ExitCode {

@@ -160,21 +160,41 @@ impl Rampart {
     }
 
     pub fn start_with(name: &str, config: &str, extra_args: &[&str]) -> Rampart {
+        Self::start_inner(name, config, extra_args, None)
+    }
+
+    /// Starts rampart with a soft open-file limit of `nofile` (its hard limit unchanged).
+    pub fn start_with_nofile(name: &str, config: &str, nofile: u64) -> Rampart {
+        Self::start_inner(name, config, &[], Some(nofile))
+    }
+
+    fn start_inner(name: &str, config: &str, extra_args: &[&str], nofile: Option<u64>) -> Rampart {
         let dir = TempDir::new(name);
         let text = config.replace("{dir}", &dir.path().display().to_string());
         let config_path = dir.path().join("rampart.toml");
         std::fs::write(&config_path, &text).unwrap();
         let log = dir.path().join("rampart.log");
         let log_file = std::fs::File::create(&log).unwrap();
-        let child = std::process::Command::new(rampart_bin())
+        let mut command = std::process::Command::new(rampart_bin());
+        command
             .arg("start")
             .arg("-c")
             .arg(&config_path)
             .args(extra_args)
             .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .unwrap();
+            .stderr(log_file);
+        if let Some(soft) = nofile {
+            use std::os::unix::process::CommandExt;
+            let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = command.spawn().unwrap();
         let socket = dir.path().join("rampart.sock");
         let r = Rampart {
             child,

@@ -666,6 +666,57 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
     no_key_in_supervisor("after the keyring was respawned");
 }
 
+/// Under key isolation the supervisor keeps one memory file per private key: 80 certificates
+/// start and serve under a soft open-file limit of 64, which the supervisor raises.
+#[test]
+fn many_certificates_fit_the_descriptor_limit() {
+    if !require_tool("many-certificates", "openssl") {
+        return;
+    }
+    const COUNT: usize = 80;
+    let certs = TempDir::new("https-many");
+    let echo = EchoBackend::start();
+    let port = free_port();
+    let mut frontends = Vec::new();
+    for i in 0..COUNT {
+        let name = format!("h{i}.test");
+        certificate(certs.path(), &format!("h{i}"), &name);
+        frontends.push(format!(
+            r#"{{ address = "127.0.0.1:{port}", hostname = "{name}", certificate = "{crt}", key = "{key}" }}"#,
+            crt = certs.path().join(format!("h{i}.crt")).display(),
+            key = certs.path().join(format!("h{i}.key")).display(),
+        ));
+    }
+    let config = format!(
+        r#"{head}
+[[listeners]]
+address = "127.0.0.1:{port}"
+protocol = "https"
+
+[clusters.site]
+backends = [ {{ address = "127.0.0.1:{e}" }} ]
+frontends = [ {} ]
+"#,
+        frontends.join(", "),
+        head = config_head(Path::new("{dir}"), 1),
+        e = echo.port,
+    );
+    let r = Rampart::start_with_nofile("https-many", &config, 64);
+    assert!(
+        r.log_text().contains("open-file limit raised from 64"),
+        "{}",
+        r.log_text()
+    );
+    for i in [0, COUNT / 2, COUNT - 1] {
+        let name = format!("h{i}.test");
+        assert!(
+            served_cn(port, Some(&name)).contains(&format!("CN = {name}")),
+            "{name} is not served:\n{}",
+            r.log_text()
+        );
+    }
+}
+
 /// `openssl req` with any key options (for RSA sizes and other curves).
 fn certificate_with(dir: &Path, stem: &str, name: &str, key_args: &[&str]) {
     let out = Command::new("openssl")
