@@ -166,11 +166,13 @@ fn raise_nofile(log: &mut log::Log) {
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
     };
-    if soft < hard {
-        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => log.info(&format!("open-file limit raised from {soft} to {hard}")),
+    // Some containers set the hard limit near 2^30; a million is plenty.
+    let target = hard.min(1 << 20);
+    if soft < target {
+        match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+            Ok(()) => log.info(&format!("open-file limit raised from {soft} to {target}")),
             Err(e) => log.warn(&format!(
-                "open-file limit stays at {soft} (raising it to {hard} failed: {e})"
+                "open-file limit stays at {soft} (raising it to {target} failed: {e})"
             )),
         }
     }

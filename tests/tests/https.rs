@@ -674,6 +674,16 @@ fn many_certificates_fit_the_descriptor_limit() {
         return;
     }
     const COUNT: usize = 80;
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    if hard < 256 {
+        let why = format!("the hard open-file limit is {hard}: no room to show the raise");
+        assert!(
+            !rampart_tests::in_ci(),
+            "many_certificates_fit_the_descriptor_limit: {why}"
+        );
+        eprintln!("many_certificates_fit_the_descriptor_limit: skipped: {why}");
+        return;
+    }
     let certs = TempDir::new("https-many");
     let echo = EchoBackend::start();
     let port = free_port();
