@@ -672,7 +672,7 @@ impl Supervisor {
                 }
             }
             if self.pending.is_empty() {
-                self.sync_keyring(true);
+                self.sync_keyring(true, 0);
             }
         }
         if let Some(deadline) = self.stop_deadline {
@@ -879,7 +879,7 @@ impl Supervisor {
     /// Gives the running keyring the keys it lacks and, with `forget`, has it forget those no
     /// certificate uses. Called before any order that could need a new key, so that the keyring's
     /// acknowledgement of the order means it holds the key.
-    fn sync_keyring(&mut self, forget: bool) {
+    fn sync_keyring(&mut self, forget: bool, sequence: u64) {
         let Some(keyring) = self.keyring_id() else {
             self.keyring_keys.clear();
             return;
@@ -920,7 +920,11 @@ impl Supervisor {
             };
             self.keyring_keys.insert(fingerprint.clone());
             let message = ChannelMessage {
-                kind: Some(ChannelKind::KeyMaterial(proto::KeyMaterial { fingerprint, key })),
+                kind: Some(ChannelKind::KeyMaterial(proto::KeyMaterial {
+                    fingerprint,
+                    key,
+                    sequence,
+                })),
             };
             self.send(keyring, message, None);
         }
@@ -1085,7 +1089,7 @@ impl Supervisor {
         if is_keyring {
             // The keys, then a link to every running worker.
             self.keyring_keys.clear();
-            self.sync_keyring(false);
+            self.sync_keyring(false, 0);
             let workers: Vec<u32> = self.running_workers().into_iter().filter(|w| *w != id).collect();
             for w in workers {
                 self.link_keyring(w);
@@ -1155,7 +1159,7 @@ impl Supervisor {
     fn finish_pending(&mut self, sequence: u64) {
         if let Some(p) = self.pending.remove(&sequence) {
             if self.pending.is_empty() {
-                self.sync_keyring(true);
+                self.sync_keyring(true, 0);
             }
             if self.client_serial(p.client) != Some(p.serial) {
                 return;
@@ -1348,7 +1352,7 @@ impl Supervisor {
         self.handle_request(key, peer, request);
         // Keys of a request that was refused or failed are not kept.
         self.forget_unused_keys();
-        self.sync_keyring(self.pending.is_empty());
+        self.sync_keyring(self.pending.is_empty(), 0);
     }
 
     fn handle_request(&mut self, key: usize, peer: Peer, mut request: proto::Request) {
@@ -1473,7 +1477,7 @@ impl Supervisor {
         // The keyring gets new keys before the order it acknowledges (and forgets old ones only
         // once every process has the change, so that handshakes under way can finish).
         self.forget_unused_keys();
-        self.sync_keyring(false);
+        self.sync_keyring(false, self.next_sequence);
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let workers = self.running_workers();

@@ -211,7 +211,8 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         return 5;
     }
     let mut keys: HashMap<String, PKey<Private>> = HashMap::new();
-    let mut key_error: Option<String> = None;
+    // Keys that could not be loaded, by the sequence of the order they came ahead of.
+    let mut key_errors: Vec<(u64, String)> = Vec::new();
     // Each worker's link and the replies waiting for room in it.
     let mut workers: slab::Slab<(Channel, std::collections::VecDeque<proto::SignReply>)> = slab::Slab::new();
     let mut events = Events::with_capacity(64);
@@ -270,7 +271,9 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                                         },
                                         &[],
                                     );
-                                    key_error.get_or_insert(message);
+                                    if material.sequence != 0 {
+                                        key_errors.push((material.sequence, message));
+                                    }
                                 }
                             }
                         }
@@ -283,8 +286,18 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                                 Some(RequestKind::SoftStop(_) | RequestKind::HardStop(_))
                             );
                             // Keys come in their own messages, before the order that needs them;
-                            // the acknowledgement reports a key that could not be loaded.
-                            let reply = key_error.take().map_or(Ok(()), Err);
+                            // its acknowledgement reports a key that could not be loaded.
+                            let failed: Vec<String> = key_errors
+                                .iter()
+                                .filter(|(s, _)| *s == order.sequence)
+                                .map(|(_, m)| m.clone())
+                                .collect();
+                            key_errors.retain(|(s, _)| *s > order.sequence);
+                            let reply = if failed.is_empty() {
+                                Ok(())
+                            } else {
+                                Err(failed.join("; "))
+                            };
                             let reply = proto::WorkerReply {
                                 sequence: order.sequence,
                                 status: if reply.is_ok() {
