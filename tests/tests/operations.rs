@@ -1,0 +1,126 @@
+//! What an operator relies on day to day: the log file follows logrotate (SIGHUP), a worker that
+//! stops answering is named in the reply, and a silent command connection is closed.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rampart_tests::{Rampart, TempDir, config_head};
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn worker_pids(r: &Rampart) -> Vec<i32> {
+    let v: serde_json::Value = serde_json::from_str(&r.ctl(&["workers", "--json"])).unwrap();
+    v["content"]["workers"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["role"] == "worker")
+        .filter_map(|w| w["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect()
+}
+
+/// logrotate moves the file away and sends SIGHUP: the supervisor writes to a new file at the
+/// configured path, and the moved file keeps what was written before.
+#[test]
+fn sighup_reopens_the_log_file() {
+    let config = format!(
+        "{}log_target = \"{{dir}}/supervisor.log\"\n",
+        config_head(Path::new("{dir}"), 1)
+    );
+    let r = Rampart::start("ops-sighup", &config);
+    let log = r.dir.path().join("supervisor.log");
+    let rotated = r.dir.path().join("supervisor.log.1");
+    wait_for("the first log lines", Duration::from_secs(5), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("jailed"))
+    });
+    std::fs::rename(&log, &rotated).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for("a new log file after SIGHUP", Duration::from_secs(5), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("log reopened (SIGHUP)"))
+    });
+    r.ctl(&["cluster", "add", "after-rotation"]);
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(old.contains("jailed"), "{old}");
+    assert!(
+        !old.contains("log reopened"),
+        "the moved file got lines after SIGHUP:\n{old}"
+    );
+}
+
+/// A change waits for every worker's acknowledgement; a worker that does not answer within the
+/// timeout is named in the reply, and the others are not held back for good.
+#[test]
+fn a_worker_that_does_not_acknowledge_is_named() {
+    let r = Rampart::start("ops-late", &config_head(Path::new("{dir}"), 2));
+    let pids = worker_pids(&r);
+    assert_eq!(pids.len(), 2);
+    let stopped = nix::unistd::Pid::from_raw(pids[1]);
+    let ids: serde_json::Value = serde_json::from_str(&r.ctl(&["workers", "--json"])).unwrap();
+    let late_id = ids["content"]["workers"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["pid"] == pids[1])
+        .map(|w| w["id"].as_u64().unwrap())
+        .unwrap();
+    nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let began = Instant::now();
+    let reply = r.try_ctl(&["cluster", "add", "while-stopped"]);
+    let waited = began.elapsed();
+    nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let err = reply.expect_err("a change a worker never acknowledged was reported as done");
+    assert!(
+        err.contains(&format!("worker {late_id} did not acknowledge within 5s")),
+        "{err}"
+    );
+    assert!(waited >= Duration::from_secs(4), "answered after {waited:?}");
+    // Applied in the supervisor all the same, and the resumed worker catches up.
+    assert!(r.ctl(&["cluster", "list", "--json"]).contains("while-stopped"));
+    r.ctl(&["cluster", "add", "after-resume"]);
+}
+
+/// With an access policy, a command connection silent longer than `idle_timeout_secs` is closed.
+#[test]
+fn an_idle_command_connection_is_closed() {
+    let aux = TempDir::new("ops-idle-policy");
+    let policy = aux.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[limits]\nidle_timeout_secs = 1\n\n[[grant]]\nuid = {}\nrole = \"admin\"\n",
+            nix::unistd::getuid()
+        ),
+    )
+    .unwrap();
+    let config = format!(
+        "{}access_policy = \"{}\"\n",
+        config_head(Path::new("{dir}"), 1),
+        policy.display()
+    );
+    let r = Rampart::start("ops-idle", &config);
+    let mut stream = std::os::unix::net::UnixStream::connect(&r.socket).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let began = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = stream.read(&mut buf).expect("the connection was not closed within 6 s");
+    let after = began.elapsed();
+    assert_eq!(n, 0, "expected the end of the stream");
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed after {after:?}, before the idle timeout"
+    );
+    // A connection that talks is served.
+    r.ctl(&["status"]);
+}
