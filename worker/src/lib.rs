@@ -162,6 +162,10 @@ struct Worker {
     channel: Channel,
     state: State,
     router: Router,
+    /// The router and balancers no longer match the state (rebuilt before the next use).
+    routing_stale: bool,
+    /// The TLS contexts no longer match the state or the ticket key (rebuilt before the next accept).
+    tls_stale: bool,
     balancers: Balancers,
     rng: Rng,
     pool: Pool,
@@ -283,6 +287,8 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
             State::new()
         },
         router: Router::default(),
+        routing_stale: false,
+        tls_stale: false,
         balancers: Balancers::default(),
         rng: Rng::new(),
         pool: Pool::new(launch.buffer_size as usize, max_connections * 2),
@@ -373,7 +379,22 @@ impl Worker {
         }
     }
 
+    /// Rebuilds what the orders since the last use made stale: once per batch of orders rather
+    /// than once per order, which made loading a state of N frontends cost N rebuilds.
+    fn settle(&mut self) {
+        if self.routing_stale {
+            self.routing_stale = false;
+            self.router = Router::from_state(&self.state);
+            self.balancers.update(&self.state);
+        }
+        if self.tls_stale {
+            self.tls_stale = false;
+            self.rebuild_tls();
+        }
+    }
+
     fn context(&mut self, now: Instant) -> (Context<'_>, &mut Slab<Session>) {
+        self.settle();
         (
             Context {
                 registry: self.poll.registry(),
@@ -444,6 +465,7 @@ impl Worker {
     }
 
     fn accept(&mut self, index: usize, now: Instant) {
+        self.settle();
         loop {
             if self.sessions.len() >= self.max_connections {
                 // Leave further connections in the kernel's queue until a slot frees.
@@ -599,7 +621,7 @@ impl Worker {
                 }
                 Some(Kind::TicketKeys(keys)) => {
                     self.ticket_key = Some(keys.key);
-                    self.rebuild_tls();
+                    self.tls_stale = true;
                 }
                 Some(Kind::Order(order)) => {
                     if let Some(code) = self.order(order) {
@@ -718,8 +740,7 @@ impl Worker {
         if is_state_change(&request) {
             match self.state.apply(&request) {
                 Ok(change) => {
-                    self.router = Router::from_state(&self.state);
-                    self.balancers.update(&self.state);
+                    self.routing_stale = true;
                     if matches!(
                         request.kind,
                         Some(
@@ -730,7 +751,7 @@ impl Worker {
                                 | RequestKind::Apply(_)
                         )
                     ) {
-                        self.rebuild_tls();
+                        self.tls_stale = true;
                     }
                     // Listeners the state no longer has are closed (the supervisor keeps its copy).
                     let known: Vec<usize> = self
