@@ -464,6 +464,17 @@ pub fn is_state_change(request: &proto::Request) -> bool {
     )
 }
 
+// Field numbers of the `Request.kind` variants that `to_requests` produces (command.proto);
+// `hash_matches_the_encoded_requests` checks them against prost's own encoding.
+const TAG_ADD_CLUSTER: u32 = 10;
+const TAG_ADD_HTTP_FRONTEND: u32 = 20;
+const TAG_ADD_HTTPS_FRONTEND: u32 = 22;
+const TAG_ADD_TCP_FRONTEND: u32 = 24;
+const TAG_ADD_BACKEND: u32 = 30;
+const TAG_ADD_LISTENER: u32 = 40;
+const TAG_ADD_CERTIFICATE: u32 = 50;
+const TAG_SET_HEALTH_CHECK: u32 = 90;
+
 /// Writes requests as [`State::save`] does: one JSON request per line.
 pub fn save_requests<W: std::io::Write>(requests: &[proto::Request], out: &mut W) -> std::io::Result<()> {
     for r in requests {
@@ -1090,17 +1101,48 @@ impl State {
     /// domain-separation tag. Private keys are left out: a certificate determines its key, and
     /// the hash is the same wherever the keys are held.
     pub fn hash(&self) -> [u8; 32] {
+        // The bytes are those of `to_requests()` encoded one by one, written from references:
+        // a request whose only field is its kind encodes as that kind's field, so no item is
+        // cloned (the state of a large platform is hashed on every change).
+        use prost::encoding::{encode_varint, message};
+        fn item<M: Message>(hasher: &mut Sha256, buf: &mut Vec<u8>, tag: u32, m: &M) {
+            buf.clear();
+            encode_varint(message::encoded_len(tag, m) as u64, buf);
+            message::encode(tag, m, buf);
+            hasher.update(&buf[..]);
+        }
         let mut hasher = Sha256::new();
         hasher.update(b"rampart-state-v1\0");
         let mut buf = Vec::new();
-        for mut r in self.to_requests() {
-            if let Some(Kind::AddCertificate(c)) = &mut r.kind {
-                c.key.zeroize();
+        for l in self.listeners.values() {
+            item(&mut hasher, &mut buf, TAG_ADD_LISTENER, l);
+        }
+        for c in self.clusters.values() {
+            item(&mut hasher, &mut buf, TAG_ADD_CLUSTER, c);
+        }
+        for b in self.backends.values() {
+            item(&mut hasher, &mut buf, TAG_ADD_BACKEND, b);
+        }
+        for c in self.certificates.values() {
+            if c.key.is_empty() {
+                item(&mut hasher, &mut buf, TAG_ADD_CERTIFICATE, c);
+            } else {
+                let mut keyless = c.clone();
+                keyless.key.zeroize();
+                item(&mut hasher, &mut buf, TAG_ADD_CERTIFICATE, &keyless);
             }
-            buf.clear();
-            if r.encode_length_delimited(&mut buf).is_ok() {
-                hasher.update(&buf);
-            }
+        }
+        for f in self.http_frontends.values() {
+            item(&mut hasher, &mut buf, TAG_ADD_HTTP_FRONTEND, f);
+        }
+        for f in self.https_frontends.values() {
+            item(&mut hasher, &mut buf, TAG_ADD_HTTPS_FRONTEND, f);
+        }
+        for f in self.tcp_frontends.values() {
+            item(&mut hasher, &mut buf, TAG_ADD_TCP_FRONTEND, f);
+        }
+        for h in self.health_checks.values() {
+            item(&mut hasher, &mut buf, TAG_SET_HEALTH_CHECK, h);
         }
         hasher.finalize().into()
     }

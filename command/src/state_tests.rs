@@ -847,3 +847,47 @@ fn keys_taken_out_leave_the_same_state() {
     s.apply(&req(Kind::AddCertificate(keyless.clone()))).unwrap();
     assert!(with_keys.clone().apply(&req(Kind::AddCertificate(keyless))).is_err());
 }
+
+/// The hash is written from references; it must equal the hash of `to_requests()` encoded one by
+/// one (the definition), for every kind of item, keys left out.
+#[test]
+fn hash_matches_the_encoded_requests() {
+    let mut s = base();
+    s.apply(&req(Kind::AddCertificate(cert("127.0.0.1:443", 1)))).unwrap();
+    s.apply(&req(Kind::AddHttpsFrontend(proto::HttpFrontend {
+        address: "127.0.0.1:443".into(),
+        hostname: "a.com".into(),
+        cluster_id: "app".into(),
+        ..Default::default()
+    })))
+    .unwrap();
+    s.apply(&req(Kind::AddTcpFrontend(proto::TcpFrontend {
+        address: "127.0.0.1:5432".into(),
+        cluster_id: "app".into(),
+    })))
+    .unwrap();
+    s.apply(&req(Kind::SetHealthCheck(proto::HealthCheck {
+        cluster_id: "app".into(),
+        path: "/health".into(),
+        interval_ms: 1000,
+        timeout_ms: 500,
+        ..Default::default()
+    })))
+    .unwrap();
+    let kinds: std::collections::BTreeSet<&str> = s
+        .to_requests()
+        .iter()
+        .map(|r| crate::request_kind_name(r))
+        .collect();
+    assert!(kinds.len() >= 8, "every kind of item is in the state: {kinds:?}");
+    let mut reference = Sha256::new();
+    reference.update(b"rampart-state-v1\0");
+    for mut r in s.to_requests() {
+        if let Some(Kind::AddCertificate(c)) = &mut r.kind {
+            c.key.clear();
+        }
+        reference.update(r.encode_length_delimited_to_vec());
+    }
+    let reference: [u8; 32] = reference.finalize().into();
+    assert_eq!(s.hash(), reference);
+}

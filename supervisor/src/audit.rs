@@ -140,8 +140,9 @@ impl Auditor {
     }
 
     /// Writes and flushes the `received` record; an error means the request must not proceed.
-    pub fn received(&mut self, peer: &Peer, request: &proto::Request, state: &State) -> Result<u64, String> {
-        let event = AuditEvent::received(self.actor(peer), request, Some(state.hash_hex()));
+    /// `state_hash`: the running state's hash, before the request.
+    pub fn received(&mut self, peer: &Peer, request: &proto::Request, state_hash: &str) -> Result<u64, String> {
+        let event = AuditEvent::received(self.actor(peer), request, Some(state_hash.to_string()));
         self.append(event).map(|a| a.seq)
     }
 
@@ -152,7 +153,7 @@ impl Auditor {
         received_seq: u64,
         result: Result<&str, &str>,
         before: &str,
-        state: &State,
+        after: &str,
     ) {
         let outcome = match result {
             Ok(message) => Outcome::ok(message),
@@ -164,7 +165,7 @@ impl Auditor {
             received_seq,
             outcome,
             Some(before.to_string()),
-            Some(state.hash_hex()),
+            Some(after.to_string()),
         );
         let _ = self.append(event);
     }

@@ -220,6 +220,8 @@ pub struct Supervisor {
     vault: BTreeMap<String, KeyFile>,
     /// The fingerprints whose keys the running keyring was given.
     keyring_keys: BTreeSet<String>,
+    /// `state.hash_hex()`, computed once per change (it reads the whole state).
+    state_hash: String,
 }
 
 /// How long a session ticket key is used before a new one replaces it.
@@ -446,7 +448,9 @@ impl Supervisor {
             ticket_key_made: Instant::now(),
             vault,
             keyring_keys: BTreeSet::new(),
+            state_hash: String::new(),
         };
+        supervisor.state_hash = supervisor.state.hash_hex();
         if let Some(file) = supervisor.vault.values().next() {
             let text = format!(
                 "{} private key(s) held for the keyring in {}; none in the supervisor's memory",
@@ -462,7 +466,7 @@ impl Supervisor {
         }
         supervisor.audit.system(
             "supervisor_start",
-            &format!("pid {}, state {}", std::process::id(), supervisor.state.hash_hex()),
+            &format!("pid {}, state {}", std::process::id(), supervisor.state_hash),
         );
         for id in 0..slots {
             supervisor.spawn(id);
@@ -1418,7 +1422,7 @@ impl Supervisor {
             }
         }
         // Fail closed: the change is recorded before it is applied.
-        let received_seq = match self.audit.received(&peer, &request, &self.state) {
+        let received_seq = match self.audit.received(&peer, &request, &self.state_hash) {
             Ok(seq) => seq,
             Err(e) => {
                 self.log.error(&format!("audit log write failed: {e}; request refused"));
@@ -1436,7 +1440,7 @@ impl Supervisor {
             request.kind,
             Some(Kind::AddListener(_) | Kind::RemoveListener(_) | Kind::Apply(_))
         );
-        let before = self.state.hash_hex();
+        let before = self.state_hash.clone();
         let result = if touches_listeners {
             let mut next = self.state.clone();
             match next.apply(&request) {
@@ -1453,10 +1457,15 @@ impl Supervisor {
             self.state.apply(&request).map_err(|e| e.to_string())
         };
         let change = match result {
-            Ok(change) => change,
+            Ok(change) => {
+                // Hashed once per change, and kept for the audit records, status and dumps.
+                self.state_hash = self.state.hash_hex();
+                change
+            }
             Err(message) => {
+                // A failed request changes nothing (batches are atomic).
                 self.audit
-                    .completed(&peer, &request, received_seq, Err(&message), &before, &self.state);
+                    .completed(&peer, &request, received_seq, Err(&message), &before, &before);
                 self.respond(key, &id, false, message, None);
                 return;
             }
@@ -1467,7 +1476,7 @@ impl Supervisor {
             received_seq,
             Ok(&change.to_string()),
             &before,
-            &self.state,
+            &self.state_hash,
         );
         let message = change.to_string();
         if !change.is_effective() {
@@ -1582,7 +1591,7 @@ impl Supervisor {
                 format!("{} worker(s) running", self.running_workers().len()),
                 Some(Content::StatusReport(proto::StatusReport {
                     version: crate::VERSION.to_string(),
-                    state_hash: state.hash_hex(),
+                    state_hash: self.state_hash.clone(),
                     workers: self.running_workers().len() as u32,
                     clusters: state.clusters().len() as u64,
                     frontends: state.frontend_count() as u64,
@@ -1698,7 +1707,7 @@ impl Supervisor {
                     String::new(),
                     Some(Content::State(proto::StateDump {
                         requests,
-                        hash: state.hash_hex(),
+                        hash: self.state_hash.clone(),
                     })),
                 ))
             }
