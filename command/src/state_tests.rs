@@ -874,11 +874,7 @@ fn hash_matches_the_encoded_requests() {
         ..Default::default()
     })))
     .unwrap();
-    let kinds: std::collections::BTreeSet<&str> = s
-        .to_requests()
-        .iter()
-        .map(|r| crate::request_kind_name(r))
-        .collect();
+    let kinds: std::collections::BTreeSet<&str> = s.to_requests().iter().map(|r| crate::request_kind_name(r)).collect();
     assert!(kinds.len() >= 8, "every kind of item is in the state: {kinds:?}");
     let mut reference = Sha256::new();
     reference.update(b"rampart-state-v1\0");
