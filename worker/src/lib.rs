@@ -701,7 +701,12 @@ impl Worker {
     }
 
     fn rebuild_tls(&mut self) {
-        let (tls, errors) = TlsContexts::from_state(&self.state, self.ticket_key.as_deref(), &self.keyring_client);
+        let (tls, errors) = TlsContexts::from_state(
+            &self.state,
+            self.ticket_key.as_deref(),
+            &self.keyring_client,
+            &mut self.tls,
+        );
         self.tls = tls;
         for e in errors {
             self.log(LOG_ERROR, e);

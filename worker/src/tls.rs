@@ -31,6 +31,16 @@ struct ListenerContexts {
 #[derive(Default)]
 pub struct TlsContexts {
     listeners: HashMap<String, ListenerContexts>,
+    /// Every certificate's context by listener and fingerprint, with what it was built from:
+    /// the next rebuild reuses it when nothing it depends on changed, so a certificate added
+    /// next to thousands of others costs one context, not thousands.
+    built: HashMap<(String, String), BuiltContext>,
+}
+
+struct BuiltContext {
+    settings: Settings,
+    chain: Vec<String>,
+    context: SslContext,
 }
 
 /// Certificate contexts by server name, shared with the SNI callback.
@@ -64,7 +74,7 @@ fn alpn<'a>(_: &mut boring::ssl::SslRef, client: &'a [u8]) -> Result<&'a [u8], A
 }
 
 /// TLS settings of a listener.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq)]
 struct Settings {
     min_version: String,
     cipher_suites: Vec<String>,
@@ -155,18 +165,37 @@ impl TlsContexts {
         state: &State,
         ticket_key: Option<&[u8]>,
         keyring: &Arc<Mutex<KeyringClient>>,
+        previous: &mut TlsContexts,
     ) -> (TlsContexts, Vec<String>) {
         let mut errors = Vec::new();
+        let mut built = HashMap::new();
         // Per listener: the contexts by name, and the first certificate (the default).
         let mut per_listener: HashMap<String, (Names, Option<&proto::Certificate>)> = HashMap::new();
         for (fingerprint, cert) in state.certificates() {
-            let ctx = match certificate_builder(cert, &settings(state, &cert.address, ticket_key), keyring) {
-                Ok(b) => b.build().into_context(),
-                Err(e) => {
-                    errors.push(format!("certificate {fingerprint} on {}: {e}", cert.address));
-                    continue;
-                }
+            let settings = settings(state, &cert.address, ticket_key);
+            let id = (cert.address.clone(), fingerprint.to_string());
+            let reusable = previous
+                .built
+                .remove(&id)
+                .filter(|b| b.settings == settings && b.chain == cert.chain);
+            let ctx = match reusable {
+                Some(b) => b.context,
+                None => match certificate_builder(cert, &settings, keyring) {
+                    Ok(b) => b.build().into_context(),
+                    Err(e) => {
+                        errors.push(format!("certificate {fingerprint} on {}: {e}", cert.address));
+                        continue;
+                    }
+                },
             };
+            built.insert(
+                id,
+                BuiltContext {
+                    settings,
+                    chain: cert.chain.clone(),
+                    context: ctx.clone(),
+                },
+            );
             let (names, default) = per_listener.entry(cert.address.clone()).or_default();
             // The default certificate (no SNI, or an unknown name) is the one whose first name
             // sorts first, exact names before wildcards: a rule an operator can predict.
@@ -210,7 +239,7 @@ impl TlsContexts {
                 Err(e) => errors.push(format!("listener {address}: {e}")),
             }
         }
-        (TlsContexts { listeners }, errors)
+        (TlsContexts { listeners, built }, errors)
     }
 
     /// Starts the server side of a handshake on a new connection.
@@ -333,5 +362,110 @@ impl Write for FrontStream {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rampart_command::proto::request::Kind;
+
+    fn self_signed(name: &str) -> (String, String) {
+        use boring::{asn1::Asn1Time, bn::BigNum, ec, hash::MessageDigest, nid::Nid, pkey::PKey, x509};
+        let group = ec::EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(ec::EcKey::generate(&group).unwrap()).unwrap();
+        let mut subject = x509::X509NameBuilder::new().unwrap();
+        subject.append_entry_by_text("CN", name).unwrap();
+        let subject = subject.build();
+        let mut b = x509::X509Builder::new().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&subject).unwrap();
+        b.set_issuer_name(&subject).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(1).unwrap()).unwrap();
+        b.set_serial_number(&BigNum::from_u32(1).unwrap().to_asn1_integer().unwrap())
+            .unwrap();
+        b.sign(&key, MessageDigest::sha256()).unwrap();
+        (
+            String::from_utf8(b.build().to_pem().unwrap()).unwrap(),
+            String::from_utf8(key.private_key_to_pem_pkcs8().unwrap()).unwrap(),
+        )
+    }
+
+    const ADDRESS: &str = "127.0.0.1:443";
+
+    fn listener(min_version: &str) -> proto::Request {
+        proto::Request {
+            id: String::new(),
+            kind: Some(Kind::AddListener(proto::Listener {
+                address: ADDRESS.into(),
+                protocol: proto::Protocol::Https as i32,
+                active: true,
+                tls_min_version: min_version.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn add(state: &mut State, name: &str) -> String {
+        let (certificate, key) = self_signed(name);
+        let fingerprint = rampart_command::state::certificate_fingerprint(&certificate).unwrap();
+        state
+            .apply(&proto::Request {
+                id: String::new(),
+                kind: Some(Kind::AddCertificate(proto::Certificate {
+                    address: ADDRESS.into(),
+                    certificate,
+                    chain: vec![],
+                    key,
+                    names: vec![name.into()],
+                })),
+            })
+            .unwrap();
+        fingerprint
+    }
+
+    /// The address of a certificate's SSL_CTX (the same object when a context is reused).
+    fn context_of(tls: &TlsContexts, fingerprint: &str) -> usize {
+        tls.built
+            .get(&(ADDRESS.to_string(), fingerprint.to_string()))
+            .map(|b| std::ptr::from_ref::<boring::ssl::SslContextRef>(&b.context) as usize)
+            .unwrap()
+    }
+
+    /// A rebuild builds only what changed: a new certificate gets a context, the others keep
+    /// theirs; new listener settings or a new ticket key rebuild everything they touch.
+    #[test]
+    fn rebuilds_reuse_the_contexts_of_unchanged_certificates() {
+        let keyring = Arc::new(Mutex::new(KeyringClient::default()));
+        let mut state = State::new();
+        state.apply(&listener("")).unwrap();
+        let a = add(&mut state, "a.test");
+        let b = add(&mut state, "b.test");
+        let (mut first, errors) = TlsContexts::from_state(&state, None, &keyring, &mut TlsContexts::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        let (a1, b1) = (context_of(&first, &a), context_of(&first, &b));
+
+        let c = add(&mut state, "c.test");
+        let (mut second, _) = TlsContexts::from_state(&state, None, &keyring, &mut first);
+        assert_eq!(context_of(&second, &a), a1, "a was rebuilt for nothing");
+        assert_eq!(context_of(&second, &b), b1, "b was rebuilt for nothing");
+        assert_eq!(second.built.len(), 3);
+        let c2 = context_of(&second, &c);
+
+        state.apply(&listener("1.3")).unwrap();
+        let (mut third, _) = TlsContexts::from_state(&state, None, &keyring, &mut second);
+        assert_ne!(
+            context_of(&third, &a),
+            a1,
+            "the listener's settings changed: a is rebuilt"
+        );
+        assert_ne!(context_of(&third, &c), c2);
+        let a3 = context_of(&third, &a);
+
+        let (fourth, _) = TlsContexts::from_state(&state, Some(&[7u8; 48]), &keyring, &mut third);
+        assert_ne!(context_of(&fourth, &a), a3, "a new ticket key reaches every context");
+        assert!(fourth.listeners.contains_key(ADDRESS));
     }
 }
