@@ -574,6 +574,27 @@ impl State {
         self.https_frontends.values()
     }
 
+    /// The HTTP and HTTPS frontends of one listener and hostname (both canonical), in the order
+    /// [`http_frontends`](Self::http_frontends) and [`https_frontends`](Self::https_frontends)
+    /// list them: what a router needs to update one hostname's routes.
+    pub fn host_frontends<'a>(
+        &'a self,
+        address: &'a str,
+        hostname: &'a str,
+    ) -> impl Iterator<Item = &'a proto::HttpFrontend> + 'a {
+        let start = FrontendKey {
+            address: address.to_string(),
+            hostname: hostname.to_string(),
+            path_kind: i32::MIN,
+            path: String::new(),
+            method: String::new(),
+        };
+        let same = move |(k, _): &(&FrontendKey, &proto::HttpFrontend)| k.address == address && k.hostname == hostname;
+        let http = self.http_frontends.range(start.clone()..).take_while(same);
+        let https = self.https_frontends.range(start..).take_while(same);
+        http.chain(https).map(|(_, f)| f)
+    }
+
     pub fn tcp_frontends(&self) -> impl Iterator<Item = &proto::TcpFrontend> {
         self.tcp_frontends.values()
     }

@@ -1,8 +1,9 @@
 //! Routing: listener, then hostname (exact, then the most specific `*.suffix`), then path
 //! (exact, then the longest prefix, then regular expressions in order), optionally method.
 //!
-//! The table is rebuilt from the state after every configuration change; lookups are one hash
-//! lookup per candidate hostname plus a scan of that hostname's few path rules.
+//! The table is built from the state, then kept up to date one hostname at a time as frontends
+//! come and go ([`Router::update_host`]); lookups are one hash lookup per candidate hostname
+//! plus a scan of that hostname's few path rules.
 
 use std::collections::HashMap;
 
@@ -77,22 +78,23 @@ pub struct Router {
     tcp: HashMap<String, String>,
 }
 
-fn add(listeners: &mut HashMap<String, ListenerRoutes>, f: &proto::HttpFrontend) {
+fn route_of(f: &proto::HttpFrontend) -> Option<Route> {
     let rule = f.path.clone().unwrap_or_default();
     let path = match proto::PathKind::try_from(rule.kind) {
         Ok(proto::PathKind::Equals) => PathMatch::Equals(rule.value),
-        Ok(proto::PathKind::Regex) => match regex::Regex::new(&rule.value) {
-            Ok(re) => PathMatch::Regex(re),
-            // The state validated it; a failure here would be a bug, and the rule is skipped.
-            Err(_) => return,
-        },
+        // The state validated it; a failure here would be a bug, and the rule is skipped.
+        Ok(proto::PathKind::Regex) => PathMatch::Regex(regex::Regex::new(&rule.value).ok()?),
         _ => PathMatch::Prefix(rule.value),
     };
-    let route = Route {
+    Some(Route {
         path,
         method: (!f.method.is_empty()).then(|| f.method.clone()),
         cluster_id: f.cluster_id.clone(),
-    };
+    })
+}
+
+fn add(listeners: &mut HashMap<String, ListenerRoutes>, f: &proto::HttpFrontend) {
+    let Some(route) = route_of(f) else { return };
     let listener = listeners.entry(f.address.clone()).or_default();
     let host = match f.hostname.strip_prefix('*') {
         Some(suffix) => listener.wildcard.entry(suffix.to_string()).or_default(),
@@ -139,6 +141,36 @@ impl Router {
             rest = suffix.get(1..).unwrap_or("");
         }
         None
+    }
+
+    /// Brings one hostname of one listener (both canonical, as the state stores them) up to
+    /// date with the state, after frontends of that hostname were added or removed.
+    pub fn update_host(&mut self, state: &State, address: &str, hostname: &str) {
+        let mut host = HostRoutes {
+            routes: state.host_frontends(address, hostname).filter_map(route_of).collect(),
+        };
+        host.sort();
+        let listener = self.listeners.entry(address.to_string()).or_default();
+        let (table, key) = match hostname.strip_prefix('*') {
+            Some(suffix) => (&mut listener.wildcard, suffix),
+            None => (&mut listener.exact, hostname),
+        };
+        if host.routes.is_empty() {
+            table.remove(key);
+        } else {
+            table.insert(key.to_string(), host);
+        }
+        if listener.exact.is_empty() && listener.wildcard.is_empty() {
+            self.listeners.remove(address);
+        }
+    }
+
+    /// Brings the TCP listeners' clusters up to date with the state.
+    pub fn update_tcp(&mut self, state: &State) {
+        self.tcp = state
+            .tcp_frontends()
+            .map(|f| (f.address.clone(), f.cluster_id.clone()))
+            .collect();
     }
 
     pub fn tcp_cluster(&self, listener: &str) -> Option<&str> {
@@ -235,6 +267,73 @@ mod tests {
         assert_eq!(route("post.example.com", "/", "GET"), Some("d"));
         assert_eq!(route("example.org", "/", "GET"), None);
         assert_eq!(r.route("127.0.0.1:81", b"example.com", b"/", b"GET"), None);
+    }
+
+    /// Updating one hostname at a time gives the same answers as rebuilding from the state,
+    /// over a long run of frontends added and removed (same hosts, paths, methods, wildcards).
+    #[test]
+    fn updating_hosts_matches_a_rebuild() {
+        let hosts = ["a.test", "B.test", "*.a.test", "*.test", "x.a.test"];
+        let paths = [("/", 0), ("/api", 0), ("/api", 1), ("^/r[0-9]+$", 2), ("/api/v2", 0)];
+        let methods = ["", "POST"];
+        let clusters = ["a", "b", "c", "d", "e"];
+        let mut s = state(&[]);
+        let mut router = Router::from_state(&s);
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let queries: Vec<(&str, &str, &str)> = ["a.test", "b.test", "x.a.test", "y.a.test", "z.test", "c.other"]
+            .iter()
+            .flat_map(|h| {
+                ["/", "/api", "/api/x", "/api/v2/y", "/r42", "/nope"]
+                    .iter()
+                    .flat_map(move |p| ["GET", "POST"].map(move |m| (*h, *p, m)))
+            })
+            .collect();
+        let mut changes = 0;
+        for _ in 0..600 {
+            let (path, kind) = paths[next(paths.len())];
+            let f = proto::HttpFrontend {
+                address: "127.0.0.1:80".into(),
+                hostname: hosts[next(hosts.len())].into(),
+                path: Some(proto::PathRule {
+                    kind,
+                    value: path.into(),
+                }),
+                method: methods[next(methods.len())].into(),
+                cluster_id: clusters[next(clusters.len())].into(),
+                tags: Default::default(),
+            };
+            let kind = if next(2) == 0 {
+                Kind::AddHttpFrontend(f.clone())
+            } else {
+                Kind::RemoveHttpFrontend(f.clone())
+            };
+            let applied = s.apply(&proto::Request {
+                id: String::new(),
+                kind: Some(kind),
+            });
+            if applied.is_err() {
+                continue;
+            }
+            changes += 1;
+            let hostname = rampart_command::state::canonical_hostname(&f.hostname).unwrap();
+            router.update_host(&s, "127.0.0.1:80", &hostname);
+            let rebuilt = Router::from_state(&s);
+            for (h, p, m) in &queries {
+                assert_eq!(
+                    router.route("127.0.0.1:80", h.as_bytes(), p.as_bytes(), m.as_bytes()),
+                    rebuilt.route("127.0.0.1:80", h.as_bytes(), p.as_bytes(), m.as_bytes()),
+                    "{h}{p} {m} after {changes} changes"
+                );
+            }
+        }
+        assert!(changes > 100, "only {changes} changes applied");
+        assert_eq!(router.listeners.len(), Router::from_state(&s).listeners.len());
     }
 
     #[test]
