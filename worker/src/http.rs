@@ -1166,6 +1166,64 @@ enum Step {
     Close,
 }
 
+/// One request through the path a proxied request takes inside a worker, without sockets: kawa
+/// parses it, the header checks run, the forwarding headers and request id are added, and it is
+/// converted and written as it would go to the backend (here into a `Vec`). For the criterion
+/// benchmark `cargo bench -p rampart-worker --bench hot_paths`; the proxy does not use it.
+#[doc(hidden)]
+pub struct RequestPath {
+    pool: crate::pool::Pool,
+    listener: ListenerInfo,
+    client: ClientFacts,
+    rng: Rng,
+}
+
+impl Default for RequestPath {
+    fn default() -> Self {
+        let listener = ListenerInfo::from_proto(&rampart_command::proto::Listener {
+            address: "127.0.0.1:8080".into(),
+            protocol: rampart_command::proto::Protocol::Http as i32,
+            active: true,
+            ..Default::default()
+        });
+        let peer = SocketAddr::from(([192, 0, 2, 7], 40000));
+        RequestPath {
+            pool: crate::pool::Pool::new(16 * 1024, 4),
+            client: ClientFacts::new(peer, &listener),
+            listener,
+            rng: Rng::new(),
+        }
+    }
+}
+
+impl RequestPath {
+    /// The number of bytes that would go to the backend; None when the request is refused.
+    pub fn run(&mut self, request: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+        let mut req = Kawa::new(Kind::Request, kawa::Buffer::new(self.pool.checkout()?));
+        let space = req.storage.space();
+        let n = request.len().min(space.len());
+        space.get_mut(..n)?.copy_from_slice(request.get(..n)?);
+        req.storage.fill(n);
+        let mut callbacks = RequestCallbacks {
+            client: &self.client,
+            listener: &self.listener,
+            rng: &mut self.rng,
+            facts: RequestFacts::default(),
+        };
+        kawa::h1::parse(&mut req, &mut callbacks);
+        if req.is_error() || !req.is_main_phase() {
+            return None;
+        }
+        check_header_section(req.storage.buffer().get(..req.storage.end)?).ok()?;
+        req.prepare(&mut kawa::h1::BlockConverter);
+        out.clear();
+        match write_from(out, &mut req) {
+            Io::Data => Some(out.len()),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::check_header_section;

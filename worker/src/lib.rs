@@ -102,7 +102,7 @@ fn ms(v: u32) -> Option<Duration> {
 }
 
 impl ListenerInfo {
-    fn from_proto(l: &proto::Listener) -> ListenerInfo {
+    pub fn from_proto(l: &proto::Listener) -> ListenerInfo {
         let port = l.address.parse::<SocketAddr>().map(|a| a.port()).unwrap_or(0);
         let by = if l.public_address.is_empty() {
             l.address.clone()
