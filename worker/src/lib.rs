@@ -149,6 +149,10 @@ struct Stale {
 }
 
 impl Stale {
+    fn any(&self) -> bool {
+        self.all_routes || self.tcp || self.balancers || !self.hosts.is_empty()
+    }
+
     fn note(&mut self, request: &proto::Request) {
         use rampart_command::state::{canonical_address, canonical_hostname};
         match &request.kind {
@@ -429,6 +433,9 @@ impl Worker {
     /// Rebuilds what the orders since the last use made stale: once per batch of orders rather
     /// than once per order, which made loading a state of N frontends cost N rebuilds.
     fn settle(&mut self) {
+        if !self.stale.any() && !self.tls_stale {
+            return;
+        }
         let stale = std::mem::take(&mut self.stale);
         if stale.all_routes {
             self.router = Router::from_state(&self.state);
