@@ -167,9 +167,14 @@ impl Stale {
                 _ => self.all_routes = true,
             },
             Some(RequestKind::AddTcpFrontend(_) | RequestKind::RemoveTcpFrontend(_)) => self.tcp = true,
-            // TLS contexts follow certificates (`tls_stale`); routes do not.
+            // TLS contexts follow certificates (`tls_stale`); routes do not. Activating a
+            // listener only starts or stops accepting on it.
             Some(
-                RequestKind::AddCertificate(_) | RequestKind::ReplaceCertificate(_) | RequestKind::RemoveCertificate(_),
+                RequestKind::AddCertificate(_)
+                | RequestKind::ReplaceCertificate(_)
+                | RequestKind::RemoveCertificate(_)
+                | RequestKind::ActivateListener(_)
+                | RequestKind::DeactivateListener(_),
             ) => {}
             Some(
                 RequestKind::AddCluster(_)
@@ -641,7 +646,12 @@ impl Worker {
                     // The supervisor is gone: so are we (PDEATHSIG would follow anyway).
                     return Some(0);
                 }
-                Err(ChannelError::Receive(nix_errno)) if nix_errno as i32 == libc::EAGAIN => return None,
+                Err(ChannelError::Receive(nix_errno)) if nix_errno as i32 == libc::EAGAIN => {
+                    // Once per batch of orders: the next request does not wait for a rebuild,
+                    // and a certificate that cannot be used is logged now, traffic or not.
+                    self.settle();
+                    return None;
+                }
                 Err(e) => {
                     self.log(LOG_ERROR, format!("bad message from the supervisor: {e}"));
                     return None;
