@@ -96,16 +96,6 @@ fn visit_certificates(request: &mut proto::Request, f: &mut impl FnMut(&mut prot
     }
 }
 
-/// Every certificate a request adds, checked by [`check_key`].
-fn check_keys(request: &proto::Request) -> Result<(), String> {
-    match &request.kind {
-        Some(Kind::AddCertificate(c)) => check_key(c),
-        Some(Kind::ReplaceCertificate(r)) => r.new_certificate.as_ref().map_or(Ok(()), check_key),
-        Some(Kind::Apply(batch)) => batch.requests.iter().try_for_each(check_keys),
-        _ => Ok(()),
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
@@ -332,8 +322,8 @@ impl Supervisor {
             return Err(StartError::SandboxRequired);
         }
         let mut state = config.to_state()?;
-        for request in state.to_requests() {
-            check_keys(&request).map_err(StartError::Certificate)?;
+        for (_, certificate) in state.certificates() {
+            check_key(certificate).map_err(StartError::Certificate)?;
         }
         let mut vault = BTreeMap::new();
         if config.key_isolation {

@@ -254,6 +254,19 @@ impl Rampart {
             .unwrap_or_else(|e| panic!("rampart {args:?} failed: {e}"))
     }
 
+    /// The pids of the running processes of one role ("worker" or "keyring").
+    pub fn running_pids(&self, role: &str) -> Vec<i32> {
+        let v: serde_json::Value = serde_json::from_str(&self.ctl(&["workers", "--json"])).unwrap();
+        v["content"]["workers"]["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["role"] == role && w["run_state"] == "running")
+            .filter_map(|w| w["pid"].as_i64())
+            .map(|p| p as i32)
+            .collect()
+    }
+
     /// The workers' pids, from `rampart workers --json`.
     pub fn worker_pids(&self) -> Vec<i32> {
         let v: serde_json::Value = serde_json::from_str(&self.ctl(&["workers", "--json"])).unwrap();

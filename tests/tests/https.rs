@@ -338,16 +338,15 @@ fn memory_contains_bytes(pid: i32, needle: &[u8]) -> bool {
     false
 }
 
-fn role_pids(r: &Rampart, role: &str) -> Vec<i32> {
-    let v: serde_json::Value = serde_json::from_str(&r.ctl(&["workers", "--json"])).unwrap();
-    v["content"]["workers"]["workers"]
-        .as_array()
+/// The status code of `GET https://<name>:<port>/`, certificate unchecked ("000": no answer).
+fn https_code(port: u16, name: &str) -> String {
+    Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"])
+        .args(["--resolve", &format!("{name}:{port}:127.0.0.1")])
+        .arg(format!("https://{name}:{port}/"))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap()
-        .iter()
-        .filter(|w| w["role"] == role && w["run_state"] == "running")
-        .filter_map(|w| w["pid"].as_i64())
-        .map(|p| p as i32)
-        .collect()
 }
 
 /// Under key isolation the private key is in the keyring's memory and in no worker's, and
@@ -378,19 +377,11 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
         key = certs.path().join("a.key").display(),
     );
     let r = Rampart::start("https-keys", &config);
-    let get = || {
-        Command::new("curl")
-            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"])
-            .args(["--resolve", &format!("a.test:{port}:127.0.0.1")])
-            .arg(format!("https://a.test:{port}/"))
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap()
-    };
+    let get = || https_code(port, "a.test");
     for _ in 0..4 {
         assert_eq!(get(), "200");
     }
-    let keyring = role_pids(&r, "keyring");
+    let keyring = r.running_pids("keyring");
     assert_eq!(keyring.len(), 1);
     assert!(
         memory_contains(keyring[0], &scalar),
@@ -413,7 +404,7 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
         skip_private: false,
     };
     rampart_sandbox::inspect::verify_jailed(keyring[0], &expect).unwrap_or_else(|v| panic!("keyring: {v:?}"));
-    let workers = role_pids(&r, "worker");
+    let workers = r.running_pids("worker");
     assert_eq!(workers.len(), 2);
     for pid in workers {
         assert!(
@@ -429,7 +420,7 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
     .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let now_keyring = role_pids(&r, "keyring");
+        let now_keyring = r.running_pids("keyring");
         if now_keyring.len() == 1 && now_keyring[0] != keyring[0] && get() == "200" {
             break;
         }
@@ -510,15 +501,7 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
         key = path("a", "key"),
     );
     let r = Rampart::start("https-zeroize", &config);
-    let get = |name: &str| {
-        Command::new("curl")
-            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"])
-            .args(["--resolve", &format!("{name}:{port}:127.0.0.1")])
-            .arg(format!("https://{name}:{port}/"))
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap()
-    };
+    let get = |name: &str| https_code(port, name);
     let add_b = || {
         r.ctl(&[
             "certificate",
@@ -616,7 +599,7 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
             .map(|c| c["fingerprint"].as_str().unwrap().to_string())
             .unwrap()
     };
-    let keyring = role_pids(&r, "keyring");
+    let keyring = r.running_pids("keyring");
     assert_eq!(keyring.len(), 1);
     assert!(memory_contains(keyring[0], &keys[1].1), "the keyring holds b's key");
     r.ctl(&[
@@ -651,7 +634,7 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
     .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let now = role_pids(&r, "keyring");
+        let now = r.running_pids("keyring");
         if now.len() == 1 && now[0] != keyring[0] && get("a.test") == "200" && get("b.test") == "200" {
             break;
         }

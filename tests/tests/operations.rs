@@ -16,18 +16,6 @@ fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn worker_pids(r: &Rampart) -> Vec<i32> {
-    let v: serde_json::Value = serde_json::from_str(&r.ctl(&["workers", "--json"])).unwrap();
-    v["content"]["workers"]["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|w| w["role"] == "worker")
-        .filter_map(|w| w["pid"].as_i64())
-        .map(|p| p as i32)
-        .collect()
-}
-
 /// logrotate moves the file away and sends SIGHUP: the supervisor writes to a new file at the
 /// configured path, and the moved file keeps what was written before.
 #[test]
@@ -65,7 +53,7 @@ fn sighup_reopens_the_log_file() {
 #[test]
 fn a_worker_that_does_not_acknowledge_is_named() {
     let r = Rampart::start("ops-late", &config_head(Path::new("{dir}"), 2));
-    let pids = worker_pids(&r);
+    let pids = r.worker_pids();
     assert_eq!(pids.len(), 2);
     let stopped = nix::unistd::Pid::from_raw(pids[1]);
     let ids: serde_json::Value = serde_json::from_str(&r.ctl(&["workers", "--json"])).unwrap();
