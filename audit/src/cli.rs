@@ -327,6 +327,21 @@ fn table_row(rec: &AuditRecord) -> String {
     {
         target = format!("{target} ({m})");
     }
+    // Processes that did not simply apply a change are named: who refused, who was late, who
+    // was replaced.
+    let unusual: Vec<String> = rec
+        .processes
+        .iter()
+        .flatten()
+        .filter(|p| p.result != crate::record::ProcessResult::Applied || p.replaced)
+        .map(|p| {
+            let replaced = if p.replaced { ", replaced" } else { "" };
+            format!("{} pid {} {}{replaced}", p.process, p.pid, p.result.name())
+        })
+        .collect();
+    if !unusual.is_empty() {
+        target = format!("{target} [{}]", unusual.join("; "));
+    }
     format!(
         "{} {} {} {} {} {} {} {}",
         cell(&rec.seq.to_string(), 8),

@@ -409,6 +409,7 @@ impl AuditLog {
             outcome: event.outcome,
             state_before: event.state_before,
             state_after: event.state_after,
+            processes: event.processes,
             ..rec
         };
         self.write(rec)
@@ -513,6 +514,7 @@ impl AuditLog {
             outcome: None,
             state_before: None,
             state_after: None,
+            processes: None,
             checkpoint: None,
             prev: hex::encode(self.prev),
             epoch: None,

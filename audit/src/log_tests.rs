@@ -538,6 +538,7 @@ fn secrets_never_reach_the_file() {
         id: "batch".into(),
         kind: Some(Kind::Apply(proto::Batch {
             requests: vec![add.clone()],
+            base_state_hash: String::new(),
         })),
     };
     let r = log.append(AuditEvent::received(actor(), &add, None)).unwrap();

@@ -16,7 +16,7 @@
 use std::time::SystemTime;
 
 use rampart_command::proto::{self, request::Kind};
-use rampart_command::{request_kind_name, state};
+use rampart_command::request_kind_name;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -156,6 +156,48 @@ impl Outcome {
     }
 }
 
+/// What one process (a worker or the keyring) did with a change the supervisor applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessResult {
+    /// Acknowledged: it applied the change.
+    Applied,
+    /// Answered that it could not apply the change.
+    Refused,
+    /// Did not answer within the acknowledgement timeout.
+    TimedOut,
+    /// Ended before it answered.
+    Exited,
+}
+
+impl ProcessResult {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProcessResult::Applied => "applied",
+            ProcessResult::Refused => "refused",
+            ProcessResult::TimedOut => "timed_out",
+            ProcessResult::Exited => "exited",
+        }
+    }
+}
+
+/// One process's part in a `completed` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessOutcome {
+    /// `worker 0`, `worker 1`, ..., or `keyring`.
+    pub process: String,
+    pub pid: i32,
+    pub result: ProcessResult,
+    /// What it answered, for a refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The supervisor replaced it with a new process built from the supervisor's state, so that
+    /// no process serves a configuration other than the recorded one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replaced: bool,
+}
+
 /// Why a checkpoint was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -225,6 +267,9 @@ pub struct AuditRecord {
     pub state_before: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_after: Option<String>,
+    /// On a `completed` record of a change sent to the workers: what each of them did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<Vec<ProcessOutcome>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
     pub prev: String,
@@ -262,6 +307,7 @@ pub struct AuditEvent {
     pub outcome: Option<Outcome>,
     pub state_before: Option<String>,
     pub state_after: Option<String>,
+    pub processes: Option<Vec<ProcessOutcome>>,
 }
 
 impl AuditEvent {
@@ -277,6 +323,7 @@ impl AuditEvent {
             outcome: None,
             state_before: None,
             state_after: None,
+            processes: None,
         }
     }
 
@@ -329,6 +376,16 @@ impl AuditEvent {
             outcome: Some(Outcome::denied("malformed", error)),
             state_before: None,
             state_after: None,
+            processes: None,
+        }
+    }
+
+    /// A signal the supervisor received and acted on, with the sender as signalfd names it.
+    pub fn signal(sender: Actor, signal: &str, outcome: Outcome) -> AuditEvent {
+        AuditEvent {
+            actor: Some(sender),
+            target: Some("rampart".into()),
+            ..AuditEvent::system(&format!("signal_{}", signal.to_ascii_lowercase()), outcome)
         }
     }
 
@@ -345,6 +402,7 @@ impl AuditEvent {
             outcome: Some(outcome),
             state_before: None,
             state_after: None,
+            processes: None,
         }
     }
 }
@@ -426,53 +484,7 @@ pub fn request_json(request: &proto::Request) -> serde_json::Value {
     serde_json::to_value(redact(request)).unwrap_or(serde_json::Value::Null)
 }
 
-fn path_text(path: &Option<proto::PathRule>) -> String {
-    path.as_ref().map_or(String::new(), |p| p.value.clone())
-}
-
-/// What a request acts on, in a few words: `cluster shop-1`, `backend shop-1/b2`, ...
-pub fn request_target(request: &proto::Request) -> Option<String> {
-    let http = |scheme: &str, f: &proto::HttpFrontend| {
-        format!(
-            "{scheme} frontend {} {}{} -> {}",
-            f.address,
-            f.hostname,
-            path_text(&f.path),
-            f.cluster_id
-        )
-    };
-    let cert = |c: &proto::Certificate| {
-        let fp = state::certificate_fingerprint(&c.certificate).unwrap_or_else(|_| "(invalid)".into());
-        format!("certificate {fp} on {}", c.address)
-    };
-    let target = match request.kind.as_ref()? {
-        Kind::AddCluster(c) => format!("cluster {}", c.cluster_id),
-        Kind::RemoveCluster(c) => format!("cluster {}", c.cluster_id),
-        Kind::QueryClusters(c) if !c.cluster_id.is_empty() => format!("cluster {}", c.cluster_id),
-        Kind::AddHttpFrontend(f) | Kind::RemoveHttpFrontend(f) => http("http", f),
-        Kind::AddHttpsFrontend(f) | Kind::RemoveHttpsFrontend(f) => http("https", f),
-        Kind::AddTcpFrontend(f) | Kind::RemoveTcpFrontend(f) => {
-            format!("tcp frontend {} -> {}", f.address, f.cluster_id)
-        }
-        Kind::AddBackend(b) => format!("backend {}/{} {}", b.cluster_id, b.backend_id, b.address),
-        Kind::RemoveBackend(b) => format!("backend {}/{}", b.cluster_id, b.backend_id),
-        Kind::AddListener(l) => format!("listener {}", l.address),
-        Kind::RemoveListener(l) | Kind::ActivateListener(l) | Kind::DeactivateListener(l) => {
-            format!("listener {}", l.address)
-        }
-        Kind::AddCertificate(c) => cert(c),
-        Kind::ReplaceCertificate(r) => format!("certificate {} on {}", r.old_fingerprint, r.address),
-        Kind::RemoveCertificate(c) => format!("certificate {} on {}", c.fingerprint, c.address),
-        Kind::SaveState(p) | Kind::LoadState(p) => format!("state {}", p.path),
-        Kind::Apply(b) => format!("batch of {} request(s)", b.requests.len()),
-        Kind::UpgradeWorker(w) => format!("worker {}", w.id),
-        Kind::SetHealthCheck(h) => format!("health check {}", h.cluster_id),
-        Kind::RemoveHealthCheck(c) => format!("health check {}", c.cluster_id),
-        Kind::SetLoggingLevel(l) => format!("logging {}", l.filter),
-        _ => return None,
-    };
-    Some(target)
-}
+pub use rampart_command::request_target;
 
 #[cfg(test)]
 mod tests {
@@ -503,6 +515,7 @@ mod tests {
                         })),
                     },
                 ],
+                base_state_hash: String::new(),
             })),
         };
         for r in [&add, &batch] {

@@ -361,6 +361,7 @@ mod tests {
             outcome: Some(Outcome::denied("forbidden", "role viewer may not add_cluster")),
             state_before: None,
             state_after: None,
+            processes: None,
             checkpoint: None,
             prev: "00".into(),
             epoch: None,

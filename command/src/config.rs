@@ -153,6 +153,11 @@ pub struct Config {
     pub state_dir: PathBuf,
     #[serde(default = "d_audit_log")]
     pub audit_log: PathBuf,
+    /// Where every acknowledged runtime change is saved (the whole state, private keys
+    /// included, mode 0600), and loaded from at start. Inside `state_dir`; a relative path is
+    /// taken inside it. None: runtime changes last until the supervisor stops.
+    #[serde(default)]
+    pub saved_state: Option<PathBuf>,
     /// Access policy file; none means root and the supervisor's uid are admin, nobody else.
     #[serde(default)]
     pub access_policy: Option<PathBuf>,
@@ -488,7 +493,29 @@ impl Config {
         }
     }
 
+    /// `saved_state` as an absolute path inside `state_dir`, if set.
+    pub fn saved_state_path(&self) -> Option<PathBuf> {
+        self.saved_state.as_ref().map(|p| self.state_dir.join(p))
+    }
+
     fn check_globals(&self) -> Result<(), ConfigError> {
+        if let Some(path) = self.saved_state_path() {
+            use std::path::Component;
+            let inside = path.starts_with(&self.state_dir)
+                && path != self.state_dir
+                && !path.components().any(|c| matches!(c, Component::ParentDir));
+            if !inside {
+                return Err(self.value_error(
+                    "saved_state",
+                    None,
+                    format!(
+                        "{} is outside state_dir ({}): the supervisor may write only there",
+                        path.display(),
+                        self.state_dir.display()
+                    ),
+                ));
+            }
+        }
         if self.worker_count == 0 || self.worker_count > 256 {
             return Err(self.value_error(
                 "worker_count",
@@ -833,7 +860,6 @@ protocol = "tcp"
 load_balancing = "least_connections"
 backends = [ { address = "127.0.0.1:9000" }, { address = "127.0.0.1:9001", weight = 50 } ]
 frontends = [ { address = "127.0.0.1:8080", hostname = "example.com", path = "/api" } ]
-health_check = { path = "/health" }
 
 [clusters.db]
 backends = [ { address = "127.0.0.1:15432" } ]

@@ -7,12 +7,13 @@
 //!
 //! Identity rules, chosen so that a control plane can push the same request twice safely where
 //! it makes sense:
-//! - listeners, clusters, backends and health checks have ids (address, cluster id, backend id):
-//!   adding one that exists updates it (a listener cannot change protocol that way);
+//! - listeners, clusters and backends have ids (address, cluster id, backend id): adding a
+//!   cluster or backend that exists updates it; adding a listener that exists with other
+//!   settings is refused (`update_listener` changes it, and its protocol never changes);
 //! - frontends are routing rules identified by what they match (listener, hostname, path,
 //!   method): adding the same rule twice is an error, and a rule that already routes to another
 //!   cluster is a conflict;
-//! - removing a cluster removes its backends and health check, but is refused while frontends
+//! - removing a cluster removes its backends, but is refused while frontends
 //!   still route to it; removing a listener is refused while frontends or certificates use it.
 //!
 //! All collections are ordered maps, so every operation is O(log n), a dump is canonical, and
@@ -107,10 +108,16 @@ pub enum StateError {
     DuplicateCertificate { address: String, fingerprint: String },
     #[error("listener {address} has no certificate {fingerprint}")]
     UnknownCertificate { address: String, fingerprint: String },
-    #[error("cluster `{cluster_id}` has no health check")]
-    UnknownHealthCheck { cluster_id: String },
     #[error("a batch cannot contain another batch")]
     NestedBatch,
+    #[error(
+        "{what} is not supported by this version of rampart ({detail}); remove it from the configuration or request"
+    )]
+    NotSupported { what: &'static str, detail: &'static str },
+    #[error(
+        "listener {address} already exists with other settings: change them with `rampart listener update {address} --FIELD VALUE`, or remove the listener first"
+    )]
+    ListenerExists { address: String },
     #[error("request {index} of the batch ({kind}): {source}; nothing in the batch was applied")]
     InBatch {
         index: usize,
@@ -203,7 +210,6 @@ pub struct State {
     https_frontends: BTreeMap<FrontendKey, proto::HttpFrontend>,
     tcp_frontends: BTreeMap<String, proto::TcpFrontend>,
     certificates: BTreeMap<(String, String), proto::Certificate>,
-    health_checks: BTreeMap<String, proto::HealthCheck>,
     // Indexes, derived from the collections above.
     backend_addresses: BTreeMap<(String, String), String>,
     cluster_frontends: BTreeMap<String, usize>,
@@ -385,7 +391,86 @@ const ANSWER_CODES: [&str; 11] = [
     "301", "400", "404", "408", "413", "414", "431", "502", "503", "504", "401",
 ];
 
+/// What `expect_proxy_protocol` and `send_proxy_protocol` would need: refused rather than
+/// accepted and ignored (a listener expecting a header nobody parses would break every client).
+const PROXY_PROTOCOL_LATER: &str = "the PROXY protocol is not implemented yet";
+
+/// The listener fields `update_listener` may change, by their protocol names; `answers.CODE`
+/// changes one answer. The address, the protocol and `active` (activate/deactivate) do not
+/// belong here.
+pub const LISTENER_FIELDS: [&str; 9] = [
+    "public_address",
+    "client_idle_timeout_ms",
+    "request_timeout_ms",
+    "backend_connect_timeout_ms",
+    "backend_response_timeout_ms",
+    "tls_min_version",
+    "cipher_suites",
+    "groups",
+    "answers",
+];
+
+/// Copies field `name` of `from` into `to`.
+fn set_listener_field(to: &mut proto::Listener, from: &proto::Listener, name: &str) -> Result<(), StateError> {
+    match name {
+        "public_address" => to.public_address.clone_from(&from.public_address),
+        "client_idle_timeout_ms" => to.client_idle_timeout_ms = from.client_idle_timeout_ms,
+        "request_timeout_ms" => to.request_timeout_ms = from.request_timeout_ms,
+        "backend_connect_timeout_ms" => to.backend_connect_timeout_ms = from.backend_connect_timeout_ms,
+        "backend_response_timeout_ms" => to.backend_response_timeout_ms = from.backend_response_timeout_ms,
+        "tls_min_version" => to.tls_min_version.clone_from(&from.tls_min_version),
+        "cipher_suites" => to.cipher_suites.clone_from(&from.cipher_suites),
+        "groups" => to.groups.clone_from(&from.groups),
+        "answers" => to.answers.clone_from(&from.answers),
+        other => match other.strip_prefix("answers.") {
+            Some(code) => match from.answers.get(code).filter(|v| !v.is_empty()) {
+                Some(body) => {
+                    to.answers.insert(code.to_string(), body.clone());
+                }
+                None => {
+                    to.answers.remove(code);
+                }
+            },
+            None => {
+                return Err(StateError::InvalidValue {
+                    field: "fields",
+                    value: other.to_string(),
+                    reason: format!(
+                        "a listener's changeable fields are {}, and answers.CODE",
+                        LISTENER_FIELDS.join(", ")
+                    ),
+                });
+            }
+        },
+    }
+    Ok(())
+}
+
+/// The changeable fields in which `a` and `b` differ.
+fn listener_differences(a: &proto::Listener, b: &proto::Listener) -> Vec<String> {
+    LISTENER_FIELDS
+        .iter()
+        .filter(|name| {
+            let mut probe = a.clone();
+            set_listener_field(&mut probe, b, name).is_ok() && probe != *a
+        })
+        .map(|name| (*name).to_string())
+        .collect()
+}
+
 fn check_listener(l: &proto::Listener) -> Result<(), StateError> {
+    if l.expect_proxy_protocol {
+        return Err(StateError::NotSupported {
+            what: "expect_proxy_protocol",
+            detail: PROXY_PROTOCOL_LATER,
+        });
+    }
+    if l.send_proxy_protocol {
+        return Err(StateError::NotSupported {
+            what: "send_proxy_protocol",
+            detail: PROXY_PROTOCOL_LATER,
+        });
+    }
     let protocol = proto::Protocol::try_from(l.protocol).map_err(|_| StateError::InvalidValue {
         field: "protocol",
         value: l.protocol.to_string(),
@@ -436,33 +521,7 @@ fn check_listener(l: &proto::Listener) -> Result<(), StateError> {
 }
 
 /// True for requests that change the configuration (and so go through [`State::apply`]).
-pub fn is_state_change(request: &proto::Request) -> bool {
-    matches!(
-        request.kind,
-        Some(
-            Kind::AddCluster(_)
-                | Kind::RemoveCluster(_)
-                | Kind::AddHttpFrontend(_)
-                | Kind::RemoveHttpFrontend(_)
-                | Kind::AddHttpsFrontend(_)
-                | Kind::RemoveHttpsFrontend(_)
-                | Kind::AddTcpFrontend(_)
-                | Kind::RemoveTcpFrontend(_)
-                | Kind::AddBackend(_)
-                | Kind::RemoveBackend(_)
-                | Kind::AddListener(_)
-                | Kind::RemoveListener(_)
-                | Kind::ActivateListener(_)
-                | Kind::DeactivateListener(_)
-                | Kind::AddCertificate(_)
-                | Kind::ReplaceCertificate(_)
-                | Kind::RemoveCertificate(_)
-                | Kind::Apply(_)
-                | Kind::SetHealthCheck(_)
-                | Kind::RemoveHealthCheck(_)
-        )
-    )
-}
+pub use crate::kinds::is_state_change;
 
 // Field numbers of the `Request.kind` variants that `to_requests` produces (command.proto);
 // `hash_matches_the_encoded_requests` checks them against prost's own encoding.
@@ -473,7 +532,6 @@ const TAG_ADD_TCP_FRONTEND: u32 = 24;
 const TAG_ADD_BACKEND: u32 = 30;
 const TAG_ADD_LISTENER: u32 = 40;
 const TAG_ADD_CERTIFICATE: u32 = 50;
-const TAG_SET_HEALTH_CHECK: u32 = 90;
 
 /// Writes requests as [`State::save`] does: one JSON request per line.
 pub fn save_requests<W: std::io::Write>(requests: &[proto::Request], out: &mut W) -> std::io::Result<()> {
@@ -603,10 +661,6 @@ impl State {
         self.certificates.iter().map(|((_, fp), c)| (fp.as_str(), c))
     }
 
-    pub fn health_checks(&self) -> impl Iterator<Item = &proto::HealthCheck> {
-        self.health_checks.values()
-    }
-
     pub fn frontend_count(&self) -> usize {
         self.http_frontends.len() + self.https_frontends.len() + self.tcp_frontends.len()
     }
@@ -651,6 +705,7 @@ impl State {
             Kind::RemoveListener(a) => self.remove_listener(&a.address),
             Kind::ActivateListener(a) => self.set_listener_active(&a.address, true),
             Kind::DeactivateListener(a) => self.set_listener_active(&a.address, false),
+            Kind::UpdateListener(u) => self.update_listener(u),
             Kind::AddCluster(c) => self.add_cluster(c),
             Kind::RemoveCluster(c) => self.remove_cluster(&c.cluster_id),
             Kind::AddBackend(b) => self.add_backend(b),
@@ -676,14 +731,18 @@ impl State {
                             ..new
                         })),
                     ],
+                    base_state_hash: String::new(),
                 };
                 self.apply(&request_of(Kind::Apply(batch))).map_err(|e| match e {
                     StateError::InBatch { source, .. } => *source,
                     other => other,
                 })
             }
-            Kind::SetHealthCheck(h) => self.set_health_check(h),
-            Kind::RemoveHealthCheck(c) => self.remove_health_check(&c.cluster_id),
+            // Stored and never run would be a setting nothing enforces.
+            Kind::SetHealthCheck(_) | Kind::RemoveHealthCheck(_) => Err(StateError::NotSupported {
+                what: "active health checks",
+                detail: "backends are ejected passively, on connection failures",
+            }),
             Kind::Apply(_) => self.apply(request),
             _ => Err(StateError::NotAStateChange {
                 kind: crate::request_kind_name(request),
@@ -725,15 +784,44 @@ impl State {
                 to: protocol_name(l.protocol),
             }),
             Some(existing) if *existing == l => Ok(Change::Unchanged(format!("listener {address}"))),
-            Some(_) => {
-                self.listeners.insert(address.clone(), l);
-                Ok(Change::Updated(format!("listener {address}")))
-            }
+            Some(_) => Err(StateError::ListenerExists { address }),
             None => {
                 self.listeners.insert(address.clone(), l);
                 Ok(Change::Added(format!("listener {address}")))
             }
         }
+    }
+
+    fn update_listener(&mut self, u: &proto::ListenerUpdate) -> Result<Change, StateError> {
+        let address = canonical_address(&u.address)?;
+        let current = self
+            .listeners
+            .get(&address)
+            .ok_or_else(|| StateError::UnknownListener {
+                address: address.clone(),
+            })?;
+        if u.fields.is_empty() {
+            return Err(StateError::InvalidValue {
+                field: "fields",
+                value: String::new(),
+                reason: format!("name at least one field to change: {}", LISTENER_FIELDS.join(", ")),
+            });
+        }
+        let given = u.listener.clone().unwrap_or_default();
+        let mut next = current.clone();
+        for field in &u.fields {
+            set_listener_field(&mut next, &given, field)?;
+        }
+        check_listener(&next)?;
+        if !next.public_address.is_empty() {
+            next.public_address = canonical_address(&next.public_address)?;
+        }
+        let target = format!("listener {address}");
+        if next == *current {
+            return Ok(Change::Unchanged(target));
+        }
+        self.listeners.insert(address, next);
+        Ok(Change::Updated(target))
     }
 
     fn remove_listener(&mut self, address: &str) -> Result<Change, StateError> {
@@ -802,7 +890,6 @@ impl State {
                 self.backend_addresses.remove(&(cluster_id.to_string(), b.address));
             }
         }
-        self.health_checks.remove(cluster_id);
         self.clusters.remove(cluster_id);
         self.cluster_frontends.remove(cluster_id);
         Ok(Change::Removed(format!("cluster {cluster_id}")))
@@ -1044,39 +1131,6 @@ impl State {
         Ok(Change::Removed(format!("certificate {fingerprint} on {address}")))
     }
 
-    fn set_health_check(&mut self, h: &proto::HealthCheck) -> Result<Change, StateError> {
-        self.require_cluster(&h.cluster_id)?;
-        if !h.path.starts_with('/') || h.path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-            return Err(StateError::InvalidValue {
-                field: "health_check.path",
-                value: h.path.clone(),
-                reason: "an absolute path such as /health".into(),
-            });
-        }
-        if h.interval_ms < 100 || h.timeout_ms == 0 || h.timeout_ms > h.interval_ms {
-            return Err(StateError::InvalidValue {
-                field: "health_check.interval_ms",
-                value: format!("interval {} ms, timeout {} ms", h.interval_ms, h.timeout_ms),
-                reason: "the interval is at least 100 ms and the timeout is between 1 ms and the interval".into(),
-            });
-        }
-        let target = format!("health check of {}", h.cluster_id);
-        match self.health_checks.insert(h.cluster_id.clone(), h.clone()) {
-            None => Ok(Change::Added(target)),
-            Some(old) if old == *h => Ok(Change::Unchanged(target)),
-            Some(_) => Ok(Change::Updated(target)),
-        }
-    }
-
-    fn remove_health_check(&mut self, cluster_id: &str) -> Result<Change, StateError> {
-        self.health_checks
-            .remove(cluster_id)
-            .map(|_| Change::Removed(format!("health check of {cluster_id}")))
-            .ok_or_else(|| StateError::UnknownHealthCheck {
-                cluster_id: cluster_id.to_string(),
-            })
-    }
-
     /// The requests that rebuild this state from nothing, in dependency order.
     pub fn to_requests(&self) -> Vec<proto::Request> {
         let mut out = Vec::with_capacity(
@@ -1084,8 +1138,7 @@ impl State {
                 + self.clusters.len()
                 + self.backends.len()
                 + self.certificates.len()
-                + self.frontend_count()
-                + self.health_checks.len(),
+                + self.frontend_count(),
         );
         out.extend(self.listeners.values().map(|l| request(Kind::AddListener(l.clone()))));
         out.extend(self.clusters.values().map(|c| request(Kind::AddCluster(c.clone()))));
@@ -1109,11 +1162,6 @@ impl State {
             self.tcp_frontends
                 .values()
                 .map(|f| request(Kind::AddTcpFrontend(f.clone()))),
-        );
-        out.extend(
-            self.health_checks
-                .values()
-                .map(|h| request(Kind::SetHealthCheck(h.clone()))),
         );
         out
     }
@@ -1162,9 +1210,6 @@ impl State {
         for f in self.tcp_frontends.values() {
             item(&mut hasher, &mut buf, TAG_ADD_TCP_FRONTEND, f);
         }
-        for h in self.health_checks.values() {
-            item(&mut hasher, &mut buf, TAG_SET_HEALTH_CHECK, h);
-        }
         hasher.finalize().into()
     }
 
@@ -1195,7 +1240,7 @@ impl State {
     }
 
     /// The requests that turn `self` into `target`: every removal first (frontends, certificates,
-    /// health checks, backends, clusters, listeners), then every addition in dependency order.
+    /// backends, clusters, listeners), then every addition in dependency order.
     pub fn diff(&self, target: &State) -> Vec<proto::Request> {
         let mut out = Vec::new();
         // Listeners that must be removed and added again (protocol change).
@@ -1229,13 +1274,6 @@ impl State {
                 })));
             }
         }
-        for cluster_id in self.health_checks.keys() {
-            if target.clusters.contains_key(cluster_id) && !target.health_checks.contains_key(cluster_id) {
-                out.push(request(Kind::RemoveHealthCheck(proto::ClusterId {
-                    cluster_id: cluster_id.clone(),
-                })));
-            }
-        }
         for (key, b) in &self.backends {
             if !target.clusters.contains_key(&key.0) {
                 continue; // removed with its cluster
@@ -1265,8 +1303,28 @@ impl State {
 
         // --- additions and updates
         for (address, l) in &target.listeners {
-            if self.listeners.get(address) != Some(l) {
-                out.push(request(Kind::AddListener(l.clone())));
+            match self.listeners.get(address) {
+                Some(current) if !recreated(address) => {
+                    let fields = listener_differences(current, l);
+                    if !fields.is_empty() {
+                        out.push(request(Kind::UpdateListener(proto::ListenerUpdate {
+                            address: address.clone(),
+                            listener: Some(l.clone()),
+                            fields,
+                        })));
+                    }
+                    if current.active != l.active {
+                        let address = proto::ListenerAddress {
+                            address: address.clone(),
+                        };
+                        out.push(request(if l.active {
+                            Kind::ActivateListener(address)
+                        } else {
+                            Kind::DeactivateListener(address)
+                        }));
+                    }
+                }
+                _ => out.push(request(Kind::AddListener(l.clone()))),
             }
         }
         for (id, c) in &target.clusters {
@@ -1298,12 +1356,6 @@ impl State {
         for (address, f) in &target.tcp_frontends {
             if self.tcp_frontends.get(address) != Some(f) || recreated(address) {
                 out.push(request(Kind::AddTcpFrontend(f.clone())));
-            }
-        }
-        for (cluster_id, h) in &target.health_checks {
-            let unchanged = self.clusters.contains_key(cluster_id) && self.health_checks.get(cluster_id) == Some(h);
-            if !unchanged {
-                out.push(request(Kind::SetHealthCheck(h.clone())));
             }
         }
         out

@@ -63,6 +63,21 @@ fn universe_request() -> impl Strategy<Value = proto::Request> {
         l.clone().prop_map(|l| req(Kind::RemoveListener(proto::ListenerAddress {
             address: LISTENERS[l].into()
         }))),
+        (l.clone(), 0..3u32, any::<bool>()).prop_map(|(l, t, answer)| {
+            let mut answers = BTreeMap::new();
+            if answer {
+                answers.insert("404".to_string(), "gone".to_string());
+            }
+            req(Kind::UpdateListener(proto::ListenerUpdate {
+                address: LISTENERS[l].into(),
+                listener: Some(proto::Listener {
+                    request_timeout_ms: t * 1000,
+                    answers,
+                    ..Default::default()
+                }),
+                fields: vec!["request_timeout_ms".into(), "answers.404".into()],
+            }))
+        }),
         (c.clone(), 0..4i32, any::<bool>()).prop_map(|(c, lb, sticky)| req(Kind::AddCluster(proto::Cluster {
             cluster_id: CLUSTERS[c].into(),
             load_balancing: lb,
@@ -129,23 +144,6 @@ fn universe_request() -> impl Strategy<Value = proto::Request> {
                 req(Kind::RemoveCertificate(proto::CertificateId {
                     address: LISTENERS[l].into(),
                     fingerprint: certificate_fingerprint(&c.certificate).unwrap(),
-                }))
-            }
-        }),
-        (c.clone(), 1..4u32, any::<bool>()).prop_map(|(c, i, add)| {
-            if add {
-                req(Kind::SetHealthCheck(proto::HealthCheck {
-                    cluster_id: CLUSTERS[c].into(),
-                    path: "/health".into(),
-                    interval_ms: i * 1000,
-                    timeout_ms: 500,
-                    healthy_threshold: 2,
-                    unhealthy_threshold: 3,
-                    expected_status: 200,
-                }))
-            } else {
-                req(Kind::RemoveHealthCheck(proto::ClusterId {
-                    cluster_id: CLUSTERS[c].into(),
                 }))
             }
         }),
@@ -216,7 +214,7 @@ proptest! {
     #[test]
     fn diff_applied_as_one_batch_is_atomic_and_equivalent(a in arb_state(), b in arb_state()) {
         let mut s = a.clone();
-        s.apply(&req(Kind::Apply(proto::Batch { requests: a.diff(&b) }))).unwrap();
+        s.apply(&req(Kind::Apply(proto::Batch { requests: a.diff(&b), base_state_hash: String::new() }))).unwrap();
         prop_assert_eq!(s, b);
     }
 
@@ -235,7 +233,7 @@ proptest! {
         let mut batch = requests;
         // Make sure the batch fails: its last request removes a cluster that cannot exist.
         batch.push(req(Kind::RemoveCluster(proto::ClusterId { cluster_id: "missing".into() })));
-        let err = s.apply(&req(Kind::Apply(proto::Batch { requests: batch }))).unwrap_err();
+        let err = s.apply(&req(Kind::Apply(proto::Batch { requests: batch, base_state_hash: String::new() }))).unwrap_err();
         let is_batch_error = matches!(err, StateError::InBatch { .. });
         prop_assert!(is_batch_error);
         prop_assert_eq!(s, a);
@@ -444,6 +442,7 @@ fn arb_kind(depth: u32) -> BoxedStrategy<Kind> {
                             .into_iter()
                             .map(|(id, kind)| proto::Request { id, kind: Some(kind) })
                             .collect(),
+                        base_state_hash: String::new(),
                     })
                 })
                 .boxed(),
@@ -668,16 +667,8 @@ fn validation_errors_name_what_is_wrong() {
 }
 
 #[test]
-fn cluster_removal_takes_its_backends_and_health_check() {
+fn cluster_removal_takes_its_backends() {
     let mut s = base();
-    s.apply(&req(Kind::SetHealthCheck(proto::HealthCheck {
-        cluster_id: "app".into(),
-        path: "/h".into(),
-        interval_ms: 1000,
-        timeout_ms: 100,
-        ..Default::default()
-    })))
-    .unwrap();
     s.apply(&req(Kind::RemoveHttpFrontend(http("app", "example.com"))))
         .unwrap();
     s.apply(&req(Kind::RemoveCluster(proto::ClusterId {
@@ -685,7 +676,6 @@ fn cluster_removal_takes_its_backends_and_health_check() {
     })))
     .unwrap();
     assert_eq!(s.backend_count(), 0);
-    assert_eq!(s.health_checks().count(), 0);
     // The freed address can be reused by a new cluster's backend.
     s.apply(&req(Kind::AddCluster(proto::Cluster {
         cluster_id: "app".into(),
@@ -766,7 +756,7 @@ fn the_state_strategy_reaches_every_collection() {
     use proptest::test_runner::TestRunner;
     let mut runner = TestRunner::deterministic();
     let strategy = arb_state();
-    let (mut http, mut https, mut tcp, mut certs, mut backends, mut checks) = (0, 0, 0, 0, 0, 0);
+    let (mut http, mut https, mut tcp, mut certs, mut backends) = (0, 0, 0, 0, 0);
     for _ in 0..300 {
         let s = strategy.new_tree(&mut runner).unwrap().current();
         http += s.http_frontends().count();
@@ -774,7 +764,6 @@ fn the_state_strategy_reaches_every_collection() {
         tcp += s.tcp_frontends().count();
         certs += s.certificate_count();
         backends += s.backend_count();
-        checks += s.health_checks().count();
     }
     for (name, n) in [
         ("http", http),
@@ -782,7 +771,6 @@ fn the_state_strategy_reaches_every_collection() {
         ("tcp", tcp),
         ("certificates", certs),
         ("backends", backends),
-        ("health checks", checks),
     ] {
         assert!(n >= 20, "only {n} {name} over 300 generated states");
     }
@@ -866,16 +854,8 @@ fn hash_matches_the_encoded_requests() {
         cluster_id: "app".into(),
     })))
     .unwrap();
-    s.apply(&req(Kind::SetHealthCheck(proto::HealthCheck {
-        cluster_id: "app".into(),
-        path: "/health".into(),
-        interval_ms: 1000,
-        timeout_ms: 500,
-        ..Default::default()
-    })))
-    .unwrap();
     let kinds: std::collections::BTreeSet<&str> = s.to_requests().iter().map(|r| crate::request_kind_name(r)).collect();
-    assert!(kinds.len() >= 8, "every kind of item is in the state: {kinds:?}");
+    assert!(kinds.len() >= 7, "every kind of item is in the state: {kinds:?}");
     let mut reference = Sha256::new();
     reference.update(b"rampart-state-v1\0");
     for mut r in s.to_requests() {
@@ -886,4 +866,132 @@ fn hash_matches_the_encoded_requests() {
     }
     let reference: [u8; 32] = reference.finalize().into();
     assert_eq!(s.hash(), reference);
+}
+
+#[test]
+fn a_listener_is_updated_in_place_and_never_reset_by_add() {
+    let mut s = base();
+    let address = "127.0.0.1:80";
+    let before = s.listeners().get(address).unwrap().clone();
+    let update = |fields: &[&str], l: proto::Listener| {
+        req(Kind::UpdateListener(proto::ListenerUpdate {
+            address: address.into(),
+            listener: Some(l),
+            fields: fields.iter().map(|f| f.to_string()).collect(),
+        }))
+    };
+    let change = s
+        .apply(&update(
+            &["request_timeout_ms", "answers.404"],
+            proto::Listener {
+                request_timeout_ms: 2500,
+                client_idle_timeout_ms: 1,
+                answers: [("404".to_string(), "nothing here".to_string())].into(),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    assert!(matches!(change, Change::Updated(_)), "{change:?}");
+    let after = s.listeners().get(address).unwrap();
+    assert_eq!(after.request_timeout_ms, 2500);
+    assert_eq!(
+        after.client_idle_timeout_ms, before.client_idle_timeout_ms,
+        "fields not named keep their value"
+    );
+    assert_eq!(after.answers.get("404").map(String::as_str), Some("nothing here"));
+    assert_eq!(after.protocol, before.protocol);
+    // Removing one answer leaves the others.
+    s.apply(&update(&["answers.404"], proto::Listener::default())).unwrap();
+    assert!(!s.listeners().get(address).unwrap().answers.contains_key("404"));
+    // Unknown fields and invalid values are refused and change nothing.
+    let snapshot = s.clone();
+    let err = s.apply(&update(&["protocol"], proto::Listener::default())).unwrap_err();
+    assert!(err.to_string().contains("changeable fields"), "{err}");
+    let err = s
+        .apply(&update(
+            &["tls_min_version"],
+            proto::Listener {
+                tls_min_version: "1.3".into(),
+                ..Default::default()
+            },
+        ))
+        .unwrap_err();
+    assert!(err.to_string().contains("only HTTPS listeners"), "{err}");
+    assert_eq!(s, snapshot);
+    // Adding a listener that exists with other settings is refused; the same settings are a no-op.
+    let current = s.listeners().get(address).unwrap().clone();
+    let err = s
+        .apply(&req(Kind::AddListener(proto::Listener {
+            request_timeout_ms: 1,
+            ..current.clone()
+        })))
+        .unwrap_err();
+    assert!(matches!(err, StateError::ListenerExists { .. }), "{err}");
+    assert!(matches!(
+        s.apply(&req(Kind::AddListener(current))).unwrap(),
+        Change::Unchanged(_)
+    ));
+}
+
+#[test]
+fn the_diff_updates_a_changed_listener_in_place() {
+    let a = base();
+    let mut b = a.clone();
+    let address = "127.0.0.1:80";
+    let mut l = b.listeners().get(address).unwrap().clone();
+    l.backend_connect_timeout_ms = 700;
+    l.active = !l.active;
+    b.listeners.insert(address.into(), l);
+    let diff = a.diff(&b);
+    let kinds: Vec<_> = diff.iter().map(crate::request_kind_name).collect();
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
+    assert_eq!(kinds[0], "update_listener");
+    assert!(kinds[1].ends_with("activate_listener"), "{kinds:?}");
+    match &diff[0].kind {
+        Some(Kind::UpdateListener(u)) => assert_eq!(u.fields, vec!["backend_connect_timeout_ms".to_string()]),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn settings_nothing_enforces_are_refused_by_name() {
+    let mut s = base();
+    for (field, listener) in [
+        (
+            "expect_proxy_protocol",
+            proto::Listener {
+                address: "127.0.0.1:7001".into(),
+                expect_proxy_protocol: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "send_proxy_protocol",
+            proto::Listener {
+                address: "127.0.0.1:7002".into(),
+                send_proxy_protocol: true,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let err = s.apply(&req(Kind::AddListener(listener))).unwrap_err();
+        assert!(
+            matches!(err, StateError::NotSupported { what, .. } if what == field),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not supported"), "{err}");
+    }
+    let err = s
+        .apply(&req(Kind::SetHealthCheck(proto::HealthCheck {
+            cluster_id: "app".into(),
+            path: "/health".into(),
+            interval_ms: 1000,
+            timeout_ms: 100,
+            ..Default::default()
+        })))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("active health checks is not supported"),
+        "{err}"
+    );
 }

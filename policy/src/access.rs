@@ -56,6 +56,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rampart_command::config::defaults;
+use rampart_command::kinds::Access;
 use rampart_command::proto::{self, request::Kind};
 use rampart_command::request_kind_name;
 use rampart_command::state::{self, State};
@@ -197,22 +198,7 @@ impl RequestClass {
     /// Mutating: anything that changes the configuration or the process (state changes, state
     /// save/load, stop, upgrade, logging, metrics, policy reload). Read-only: the rest.
     pub fn of(request: &proto::Request) -> RequestClass {
-        let mutating = state::is_state_change(request)
-            || matches!(
-                request.kind,
-                Some(
-                    Kind::SaveState(_)
-                        | Kind::LoadState(_)
-                        | Kind::SoftStop(_)
-                        | Kind::HardStop(_)
-                        | Kind::UpgradeMain(_)
-                        | Kind::UpgradeWorker(_)
-                        | Kind::SetLoggingLevel(_)
-                        | Kind::ConfigureMetrics(_)
-                        | Kind::ReloadPolicy(_)
-                )
-            );
-        if mutating {
+        if rampart_command::is_mutating(request) {
             RequestClass::Mutating
         } else {
             RequestClass::ReadOnly
@@ -611,18 +597,22 @@ impl AccessPolicy {
         let Some(kind) = &request.kind else {
             return Err("the request has no kind (another message type or a newer protocol version?)".into());
         };
-        if is_read_only_query(kind) {
-            return Ok(());
+        let info = rampart_command::kind_info(kind);
+        if in_batch && !info.in_batch {
+            return Err(match kind {
+                Kind::Apply(_) => "a batch cannot contain another batch".into(),
+                _ => format!("`{name}` cannot be part of a batch"),
+            });
+        }
+        match (info.access, role) {
+            (_, Role::Admin) | (Access::AnyRole, _) | (Access::Auditor, Role::Auditor) => {}
+            (Access::Operator | Access::OperatorOrTenant, Role::Operator) => {}
+            (Access::OperatorOrTenant | Access::Tenant, Role::Tenant) => tenant_check(grant, kind, name, state)?,
+            (Access::EachRequest, _) => {}
+            _ => return refuse(),
         }
         match kind {
-            Kind::SubscribeEvents(_) => match role {
-                Role::Auditor | Role::Admin => Ok(()),
-                _ => refuse(),
-            },
             Kind::Apply(batch) => {
-                if in_batch {
-                    return Err("a batch cannot contain another batch".into());
-                }
                 if batch.requests.is_empty() && matches!(role, Role::Viewer | Role::Auditor) {
                     return refuse();
                 }
@@ -632,25 +622,10 @@ impl AccessPolicy {
                 }
                 Ok(())
             }
-            Kind::SaveState(p) | Kind::LoadState(p) => {
-                if role != Role::Admin {
-                    return refuse();
-                }
-                self.state_path(&p.path).map(|_| ()).map_err(|e| e.to_string())
-            }
-            _ if role == Role::Admin => Ok(()),
-            Kind::AddBackend(_)
-            | Kind::RemoveBackend(_)
-            | Kind::SetHealthCheck(_)
-            | Kind::RemoveHealthCheck(_)
-            | Kind::SetLoggingLevel(_)
-            | Kind::ConfigureMetrics(_)
-                if role == Role::Operator =>
-            {
-                Ok(())
-            }
-            _ if role == Role::Tenant => tenant_check(grant, kind, name, state),
-            _ => refuse(),
+            // Authorized as the batch it becomes, once the supervisor computed it.
+            Kind::ApplyState(_) if matches!(role, Role::Viewer | Role::Auditor) => refuse(),
+            Kind::SaveState(p) | Kind::LoadState(p) => self.state_path(&p.path).map(|_| ()).map_err(|e| e.to_string()),
+            _ => Ok(()),
         }
     }
 
@@ -820,23 +795,6 @@ pub fn confine_state_path(state_dir: &Path, requested: &str) -> Result<PathBuf, 
         return Err(refuse("it names the state directory itself, not a file in it"));
     }
     Ok(state_dir.join(relative))
-}
-
-/// Queries every role may send.
-fn is_read_only_query(kind: &Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Status(_)
-            | Kind::QueryClusters(_)
-            | Kind::ListFrontends(_)
-            | Kind::ListListeners(_)
-            | Kind::ListCertificates(_)
-            | Kind::DumpState(_)
-            | Kind::ShowPolicy(_)
-            | Kind::ListWorkers(_)
-            | Kind::ListHealthChecks(_)
-            | Kind::QueryMetrics(_)
-    )
 }
 
 fn tenant_check(grant: &Grant, kind: &Kind, name: &str, state: &State) -> Result<(), String> {
@@ -1271,6 +1229,7 @@ role = "viewer"
             })),
             req(Kind::Apply(Batch {
                 requests: vec![cluster("a"), frontend("x.example.org", "a")],
+                base_state_hash: String::new(),
             })),
         ];
         for r in &all {
@@ -1285,6 +1244,7 @@ role = "viewer"
         let p = policy();
         let batch = req(Kind::Apply(Batch {
             requests: vec![cluster("shop-1"), cluster("bank")],
+            base_state_hash: String::new(),
         }));
         match p.authorize(&peer(1001), &batch, &State::new()) {
             Decision::Deny { reason, .. } => assert!(reason.starts_with("request 1 of the batch"), "{reason}"),
@@ -1292,6 +1252,7 @@ role = "viewer"
         }
         let good = req(Kind::Apply(Batch {
             requests: vec![cluster("shop-1"), frontend("shop.example.com", "shop-1")],
+            base_state_hash: String::new(),
         }));
         assert!(allowed(&p, 1001, &good));
         assert!(!allowed(&p, 1000, &req(Kind::Apply(Batch::default()))));

@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use rampart_audit::record::ProcessOutcome;
 use rampart_audit::syslog::SyslogOptions;
 use rampart_audit::{Actor, AuditEvent, AuditLog, AuditOptions, Outcome};
 use rampart_command::config::Config;
@@ -34,6 +35,36 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
                 .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
         })
         .unwrap_or_default()
+}
+
+/// The real gid of a running process, from /proc.
+fn process_gid(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Gid:"))
+        .and_then(|g| g.split_whitespace().next())
+        .and_then(|g| g.parse().ok())
+}
+
+/// What a `completed` record says beyond the request it completes.
+pub struct Completion {
+    pub outcome: Outcome,
+    pub state_before: Option<String>,
+    pub state_after: Option<String>,
+    pub processes: Option<Vec<ProcessOutcome>>,
+}
+
+impl Completion {
+    /// The outcome of a request that changed no state.
+    pub fn outcome(outcome: Outcome) -> Completion {
+        Completion {
+            outcome,
+            state_before: None,
+            state_after: None,
+            processes: None,
+        }
+    }
 }
 
 /// A peer as SO_PEERCRED gave it, with its supplementary groups.
@@ -139,35 +170,54 @@ impl Auditor {
         let _ = self.append(event);
     }
 
+    /// The access policy alone, without charging the rate limit: for the batch a request
+    /// became once the supervisor computed it (`apply_state`, `load_state`), whose sender was
+    /// already authorized and counted. A refusal is audited.
+    pub fn authorize_computed(&mut self, peer: &Peer, request: &proto::Request, state: &State) -> Result<(), String> {
+        match self.policy.authorize(peer, request, state) {
+            Decision::Allow { .. } => Ok(()),
+            Decision::Deny { reason, .. } => {
+                let reason = format!("permission denied: {reason}");
+                self.denied(peer, request, "forbidden", &reason);
+                Err(reason)
+            }
+        }
+    }
+
     /// Writes and flushes the `received` record; an error means the request must not proceed.
-    /// `state_hash`: the running state's hash, before the request.
-    pub fn received(&mut self, peer: &Peer, request: &proto::Request, state_hash: &str) -> Result<u64, String> {
-        let event = AuditEvent::received(self.actor(peer), request, Some(state_hash.to_string()));
+    /// `state_hash`: the running state's hash before the request, for state changes.
+    pub fn received(&mut self, peer: &Peer, request: &proto::Request, state_hash: Option<&str>) -> Result<u64, String> {
+        let event = AuditEvent::received(self.actor(peer), request, state_hash.map(str::to_string));
         self.append(event).map(|a| a.seq)
     }
 
-    pub fn completed(
-        &mut self,
-        peer: &Peer,
-        request: &proto::Request,
-        received_seq: u64,
-        result: Result<&str, &str>,
-        before: &str,
-        after: &str,
-    ) {
-        let outcome = match result {
-            Ok(message) => Outcome::ok(message),
-            Err(message) => Outcome::error("invalid", message),
-        };
-        let event = AuditEvent::completed(
+    /// The `completed` record of a request whose `received` record is `received_seq`.
+    pub fn completed(&mut self, peer: &Peer, request: &proto::Request, received_seq: u64, completion: Completion) {
+        let mut event = AuditEvent::completed(
             self.actor(peer),
             request,
             received_seq,
-            outcome,
-            Some(before.to_string()),
-            Some(after.to_string()),
+            completion.outcome,
+            completion.state_before,
+            completion.state_after,
         );
+        event.processes = completion.processes;
         let _ = self.append(event);
+    }
+
+    /// A signal the supervisor acted on, with its sender as signalfd reports it.
+    pub fn signal(&mut self, uid: u32, pid: i32, signal: &str, message: &str) {
+        let gid = process_gid(pid)
+            .or_else(|| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.gid.as_raw())
+            })
+            .unwrap_or(u32::MAX);
+        let sender = peer(uid, gid, pid);
+        let actor = self.actor(&sender);
+        let _ = self.append(AuditEvent::signal(actor, signal, Outcome::ok(message)));
     }
 
     /// A frame that did not decode: recorded by size and hash, never by content.
@@ -207,7 +257,6 @@ impl Auditor {
         let policy = AccessPolicy::load(&path).map_err(|e| format!("the policy was not changed: {e}"))?;
         self.policy = policy.with_state_dir(&self.state_dir);
         let message = format!("access policy reloaded from {}", path.display());
-        self.system("policy_reloaded", &message);
         Ok(message)
     }
 

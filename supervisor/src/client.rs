@@ -26,7 +26,7 @@ use rampart_command::config::{self, Config, ConfigError};
 use rampart_command::framing::{self, FrameError, FrameReader};
 use rampart_command::proto::{self, Request, Response, ResponseStatus, request::Kind, response::Content};
 use rampart_command::request_kind_name;
-use rampart_command::state::{self, FrontendKey, State, StateError};
+use rampart_command::state::{self, FrontendKey};
 
 /// Health check defaults, the same as the configuration file's.
 const HEALTH_CHECK_INTERVAL_MS: u32 = 5_000;
@@ -73,12 +73,11 @@ pub enum ClientError {
     },
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("the running state cannot be rebuilt from its dump: request {index} ({kind}): {source}")]
-    RunningState {
-        index: usize,
-        kind: &'static str,
-        #[source]
-        source: StateError,
+    #[error("{flag} {value}: expected {expected}")]
+    Argument {
+        flag: &'static str,
+        value: String,
+        expected: &'static str,
     },
     #[error("cannot encode the answer as JSON: {0}")]
     Json(#[from] serde_json::Error),
@@ -238,9 +237,14 @@ pub enum ClientCommand {
         /// The configuration file.
         #[arg(short, long)]
         file: PathBuf,
-        /// Print the changes without sending them.
+        /// Print the changes the supervisor computed, and the state they apply to, without
+        /// applying them.
         #[arg(long)]
         dry_run: bool,
+        /// Apply only if the running state still has this hash (the `base` a dry run printed),
+        /// so that what is applied is exactly what was reviewed.
+        #[arg(long, value_name = "HASH")]
+        expect_state: Option<String>,
     },
     /// Stop the supervisor and its workers, letting in-flight requests finish.
     Shutdown {
@@ -430,19 +434,26 @@ pub enum BackendAction {
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum ListenerAction {
-    /// Add a listener (active unless --inactive), or update it when it exists.
+    /// Add a listener (active unless --inactive). Refused when the address has a listener with
+    /// other settings: change those with `listener update`.
     Add {
         /// The address to listen on (IP:PORT).
         #[arg(long)]
         address: String,
         #[arg(long, value_enum)]
         protocol: ProtocolArg,
-        /// Address announced to backends in forwarding headers, when it differs.
-        #[arg(long)]
-        public_address: Option<String>,
         /// Create it without accepting connections yet.
         #[arg(long)]
         inactive: bool,
+        #[command(flatten)]
+        fields: ListenerFields,
+    },
+    /// Change the given settings of a listener in place; the others keep their values.
+    Update {
+        /// The listener's address (IP:PORT).
+        address: String,
+        #[command(flatten)]
+        fields: ListenerFields,
     },
     /// Remove a listener (refused while frontends or certificates use it).
     Remove {
@@ -461,6 +472,107 @@ pub enum ListenerAction {
     },
     /// List the listeners.
     List,
+}
+
+/// A listener's settings, each optional: `listener add` takes what is given (defaults for the
+/// rest), `listener update` changes exactly what is given.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ListenerFields {
+    /// Address announced to backends in forwarding headers, when it differs (empty: none).
+    #[arg(long, value_name = "IP:PORT")]
+    pub public_address: Option<String>,
+    /// Milliseconds a client connection may stay silent (0: the global default).
+    #[arg(long, value_name = "MS")]
+    pub client_idle_timeout_ms: Option<u32>,
+    /// Milliseconds a client has to send a whole request head (0: the global default).
+    #[arg(long, value_name = "MS")]
+    pub request_timeout_ms: Option<u32>,
+    /// Milliseconds to connect to a backend (0: the global default).
+    #[arg(long, value_name = "MS")]
+    pub backend_connect_timeout_ms: Option<u32>,
+    /// Milliseconds a backend has to answer (0: the global default).
+    #[arg(long, value_name = "MS")]
+    pub backend_response_timeout_ms: Option<u32>,
+    /// HTTPS: the lowest TLS version accepted, 1.2 or 1.3 (empty: 1.2).
+    #[arg(long, value_name = "VERSION")]
+    pub tls_min_version: Option<String>,
+    /// HTTPS: TLS 1.2 cipher suites, separated by `:` (empty: the defaults).
+    #[arg(long, value_name = "LIST")]
+    pub cipher_suites: Option<String>,
+    /// HTTPS: key exchange groups, most preferred first, separated by `:` (empty: the defaults).
+    #[arg(long, value_name = "LIST")]
+    pub groups: Option<String>,
+    /// The body of a default answer, `CODE=FILE` (read from FILE); `CODE=` removes it. Repeat
+    /// for each code.
+    #[arg(long = "answer", value_name = "CODE=FILE")]
+    pub answers: Vec<String>,
+}
+
+impl ListenerFields {
+    /// The listener these flags describe, and the names of the fields they set (the mask of
+    /// `update_listener`). Reads the answer files.
+    fn to_listener(&self) -> Result<(proto::Listener, Vec<String>), ClientError> {
+        let list = |text: &str| -> Vec<String> {
+            text.split([':', ','])
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        let mut l = proto::Listener::default();
+        let mut fields = Vec::new();
+        let mut set = |name: &str, given: bool| {
+            if given {
+                fields.push(name.to_string());
+            }
+        };
+        if let Some(v) = &self.public_address {
+            l.public_address.clone_from(v);
+        }
+        set("public_address", self.public_address.is_some());
+        l.client_idle_timeout_ms = self.client_idle_timeout_ms.unwrap_or(0);
+        set("client_idle_timeout_ms", self.client_idle_timeout_ms.is_some());
+        l.request_timeout_ms = self.request_timeout_ms.unwrap_or(0);
+        set("request_timeout_ms", self.request_timeout_ms.is_some());
+        l.backend_connect_timeout_ms = self.backend_connect_timeout_ms.unwrap_or(0);
+        set("backend_connect_timeout_ms", self.backend_connect_timeout_ms.is_some());
+        l.backend_response_timeout_ms = self.backend_response_timeout_ms.unwrap_or(0);
+        set(
+            "backend_response_timeout_ms",
+            self.backend_response_timeout_ms.is_some(),
+        );
+        if let Some(v) = &self.tls_min_version {
+            l.tls_min_version.clone_from(v);
+        }
+        set("tls_min_version", self.tls_min_version.is_some());
+        if let Some(v) = &self.cipher_suites {
+            l.cipher_suites = list(v);
+        }
+        set("cipher_suites", self.cipher_suites.is_some());
+        if let Some(v) = &self.groups {
+            l.groups = list(v);
+        }
+        set("groups", self.groups.is_some());
+        for answer in &self.answers {
+            let Some((code, file)) = answer.split_once('=') else {
+                return Err(ClientError::Argument {
+                    flag: "--answer",
+                    value: answer.clone(),
+                    expected: "CODE=FILE, such as 404=/etc/rampart/404.html (CODE= removes the answer)",
+                });
+            };
+            let code = code.trim().to_string();
+            if !file.is_empty() {
+                let body = std::fs::read_to_string(file).map_err(|source| ClientError::ReadFile {
+                    path: PathBuf::from(file),
+                    source,
+                })?;
+                l.answers.insert(code.clone(), body);
+            }
+            set(&format!("answers.{code}"), true);
+        }
+        Ok((l, fields))
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -590,7 +702,7 @@ fn to_request(command: &ClientCommand) -> Result<Option<Request>, ClientError> {
         ClientCommand::Cluster { action } => cluster_kind(action),
         ClientCommand::Frontend { action } => frontend_kind(action),
         ClientCommand::Backend { action } => backend_kind(action),
-        ClientCommand::Listener { action } => listener_kind(action),
+        ClientCommand::Listener { action } => listener_kind(action)?,
         ClientCommand::Certificate { action } => certificate_kind(action)?,
         ClientCommand::State { action } => match action {
             StateAction::Save { path } => Kind::SaveState(proto::StatePath { path: path.clone() }),
@@ -697,28 +809,38 @@ fn backend_kind(action: &BackendAction) -> Kind {
     }
 }
 
-fn listener_kind(action: &ListenerAction) -> Kind {
+fn listener_kind(action: &ListenerAction) -> Result<Kind, ClientError> {
     let address_of = |address: &String| proto::ListenerAddress {
         address: address.clone(),
     };
-    match action {
+    Ok(match action {
         ListenerAction::Add {
             address,
             protocol,
-            public_address,
             inactive,
-        } => Kind::AddListener(proto::Listener {
-            address: address.clone(),
-            protocol: protocol.to_proto() as i32,
-            public_address: public_address.clone().unwrap_or_default(),
-            active: !*inactive,
-            ..Default::default()
-        }),
+            fields,
+        } => {
+            let (listener, _) = fields.to_listener()?;
+            Kind::AddListener(proto::Listener {
+                address: address.clone(),
+                protocol: protocol.to_proto() as i32,
+                active: !*inactive,
+                ..listener
+            })
+        }
+        ListenerAction::Update { address, fields } => {
+            let (listener, fields) = fields.to_listener()?;
+            Kind::UpdateListener(proto::ListenerUpdate {
+                address: address.clone(),
+                listener: Some(listener),
+                fields,
+            })
+        }
         ListenerAction::Remove { address } => Kind::RemoveListener(address_of(address)),
         ListenerAction::Activate { address } => Kind::ActivateListener(address_of(address)),
         ListenerAction::Deactivate { address } => Kind::DeactivateListener(address_of(address)),
         ListenerAction::List => Kind::ListListeners(proto::Empty {}),
-    }
+    })
 }
 
 fn read_pem(path: &Path) -> Result<String, ClientError> {
@@ -804,8 +926,13 @@ pub fn run(command: ClientCommand, socket: &Path, json: bool) -> ExitCode {
 
 /// Runs `command`, writing its output on `out`.
 fn execute(command: &ClientCommand, socket: &Path, json: bool, out: &mut dyn io::Write) -> Result<(), ClientError> {
-    if let ClientCommand::Apply { file, dry_run } = command {
-        return apply(file, *dry_run, socket, json, out);
+    if let ClientCommand::Apply {
+        file,
+        dry_run,
+        expect_state,
+    } = command
+    {
+        return apply(file, *dry_run, expect_state.as_deref(), socket, json, out);
     }
     // Files are read before connecting: a typo in a path is not the supervisor's business.
     let Some(request) = to_request(command)? else {
@@ -851,136 +978,102 @@ fn warn(text: &str) {
 // ---------------------------------------------------------------------------------------------
 // apply
 
-/// What `apply` sends: the requests that turn the running state into the file's.
-#[derive(Debug, Clone, PartialEq)]
-struct ApplyPlan {
-    requests: Vec<Request>,
-    /// Listeners the plan removes, with whether it adds them back (a protocol change).
-    removed_listeners: Vec<(String, bool)>,
+/// Warnings about what a plan does that a person may not expect: listeners it removes (their
+/// connections close), with whether it adds them back (a protocol change).
+fn plan_warnings(plan: &proto::Plan) -> Vec<String> {
+    let added: std::collections::BTreeSet<&str> = plan
+        .requests
+        .iter()
+        .filter_map(|r| match &r.kind {
+            Some(Kind::AddListener(l)) => Some(l.address.as_str()),
+            _ => None,
+        })
+        .collect();
+    plan.requests
+        .iter()
+        .filter_map(|r| match &r.kind {
+            Some(Kind::RemoveListener(l)) if added.contains(l.address.as_str()) => Some(format!(
+                "warning: listener {} changes protocol: it is removed and added again, closing its connections",
+                l.address
+            )),
+            Some(Kind::RemoveListener(l)) => Some(format!(
+                "warning: the file has no listener {}: it is removed and its connections are closed",
+                l.address
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
-impl ApplyPlan {
-    fn new(running: &State, target: &State) -> ApplyPlan {
-        let requests = running.diff(target);
-        let removed_listeners = requests
-            .iter()
-            .filter_map(|r| match &r.kind {
-                Some(Kind::RemoveListener(l)) => Some((l.address.clone(), target.listeners().contains_key(&l.address))),
-                _ => None,
-            })
-            .collect();
-        ApplyPlan {
-            requests,
-            removed_listeners,
-        }
+/// One line per request of a plan, or "no change".
+fn plan_text(plan: &proto::Plan) -> String {
+    if plan.requests.is_empty() {
+        return "no change\n".to_string();
     }
-
-    /// One line per request, or "no change".
-    fn to_text(&self) -> String {
-        if self.requests.is_empty() {
-            return "no change\n".to_string();
-        }
-        self.requests.iter().map(|r| format!("{}\n", describe(r))).collect()
-    }
-
-    fn warnings(&self) -> Vec<String> {
-        self.removed_listeners
-            .iter()
-            .map(|(address, added_back)| {
-                if *added_back {
-                    format!("warning: listener {address} changes protocol: it is removed and added again, closing its connections")
-                } else {
-                    format!(
-                        "warning: the file has no listener {address}: it is removed and its connections are closed"
-                    )
-                }
-            })
-            .collect()
-    }
+    plan.requests.iter().map(|r| format!("{}\n", describe(r))).collect()
 }
 
-/// Stands in for a private key that a dump leaves out, for a certificate the file does not
-/// have. The plan can only remove such a certificate, by fingerprint, so it is never sent.
-const WITHHELD_KEY: &str = "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n";
-
-/// Rebuilds the running state from the requests of a dump, in order.
-///
-/// A dump never carries private keys. A certificate's fingerprint determines its key pair, so
-/// a running certificate that the file also has (same listener, same fingerprint) gets the
-/// file's key back, and compares equal to it when nothing else changed.
-fn rebuild_state(requests: &[Request], target: &State) -> Result<State, ClientError> {
-    let mut state = State::new();
-    for (index, request) in requests.iter().enumerate() {
-        let restored;
-        let request = match &request.kind {
-            Some(Kind::AddCertificate(c)) if c.key.is_empty() => {
-                let fingerprint = state::certificate_fingerprint(&c.certificate).ok();
-                let key = target
-                    .certificates()
-                    .find(|(fp, t)| Some(*fp) == fingerprint.as_deref() && t.address == c.address)
-                    .map_or_else(|| WITHHELD_KEY.to_string(), |(_, t)| t.key.clone());
-                restored = request_of(Kind::AddCertificate(proto::Certificate { key, ..c.clone() }));
-                &restored
-            }
-            _ => request,
-        };
-        state.apply(request).map_err(|source| ClientError::RunningState {
-            index,
-            kind: request_kind_name(request),
-            source,
-        })?;
-    }
-    Ok(state)
-}
-
-/// `apply -f`: diff the running state against the file's and send the difference as one batch.
-/// The supervisor applies the batch atomically and validates it against its own state, so a
-/// change made by someone else between the dump and the batch makes the batch fail whole rather
-/// than half-apply.
-fn apply(file: &Path, dry_run: bool, socket: &Path, json: bool, out: &mut dyn io::Write) -> Result<(), ClientError> {
+/// `apply -f`: sends the file's whole state; the supervisor computes the difference from the
+/// running state (the same code as `state load`) and applies it as one atomic batch, or only
+/// returns it with `--dry-run`. With `--expect-state`, it applies only to that running state.
+/// The file is validated here first, so that its errors name its lines.
+fn apply(
+    file: &Path,
+    dry_run: bool,
+    expect_state: Option<&str>,
+    socket: &Path,
+    json: bool,
+    out: &mut dyn io::Write,
+) -> Result<(), ClientError> {
     let target = Config::load(file)?.to_state()?;
+    let mut requests = target.to_requests();
+    if dry_run {
+        // The difference needs no private key: a certificate is known by its fingerprint.
+        for r in &mut requests {
+            if let Some(Kind::AddCertificate(c)) = &mut r.kind {
+                c.key.clear();
+            }
+        }
+    }
     let mut client = Client::connect(socket)?;
     client.show_progress(!json);
-    let dump = expect_ok(client.call(request_of(Kind::DumpState(proto::Empty {})))?)?;
-    let Some(Content::State(dump)) = dump.content else {
+    let response = client.call(request_of(Kind::ApplyState(proto::ApplyState {
+        target: requests,
+        base_state_hash: expect_state.unwrap_or_default().to_string(),
+        dry_run,
+    })))?;
+    if json {
+        print_out(out, &format!("{}\n", serde_json::to_string_pretty(&response)?))?;
+        expect_ok(response)?;
+        return Ok(());
+    }
+    let response = expect_ok(response)?;
+    let Some(Content::Plan(plan)) = &response.content else {
         return Err(ClientError::MissingContent {
-            kind: "dump_state",
-            expected: "state dump",
+            kind: "apply_state",
+            expected: "plan",
         });
     };
-    let plan = ApplyPlan::new(&rebuild_state(&dump.requests, &target)?, &target);
-    for warning in plan.warnings() {
+    for warning in plan_warnings(plan) {
         warn(&warning);
     }
-    if !json {
-        print_out(out, &plan.to_text())?;
-    }
-    let response = if dry_run || plan.requests.is_empty() {
-        None
+    print_out(out, &plan_text(plan))?;
+    let summary = if dry_run {
+        format!(
+            "dry run: nothing was applied; the running state is {}. Apply exactly this with `rampart apply -f {} --expect-state {}`\n",
+            plan.base_state_hash,
+            file.display(),
+            plan.base_state_hash
+        )
+    } else if plan.applied {
+        format!(
+            "{}\nstate {} -> {}\n",
+            response.message, plan.base_state_hash, plan.target_state_hash
+        )
     } else {
-        let batch = proto::Batch {
-            requests: plan.requests.clone(),
-        };
-        Some(client.call(request_of(Kind::Apply(batch)))?)
+        format!("{}\n", response.message)
     };
-    if json {
-        let mut report = serde_json::Map::new();
-        report.insert("dry_run".into(), serde_json::Value::Bool(dry_run));
-        report.insert("requests".into(), serde_json::to_value(&plan.requests)?);
-        report.insert("response".into(), serde_json::to_value(&response)?);
-        print_out(out, &format!("{}\n", serde_json::to_string_pretty(&report)?))?;
-    }
-    match response {
-        Some(response) => {
-            let response = expect_ok(response)?;
-            if !json {
-                print_out(out, &render(&response, false))?;
-            }
-        }
-        None if dry_run && !plan.requests.is_empty() && !json => print_out(out, "dry run: nothing was sent\n")?,
-        None => {}
-    }
-    Ok(())
+    print_out(out, &summary)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1076,6 +1169,7 @@ fn render(response: &Response, detail: bool) -> String {
         Some(Content::Policy(policy)) if policy.text.ends_with('\n') => policy.text.clone(),
         Some(Content::Policy(policy)) => format!("{}\n", policy.text),
         Some(Content::HealthChecks(list)) => render_health_checks(list),
+        Some(Content::Plan(plan)) => format!("{}{}\n", plan_text(plan), response.message),
     }
 }
 
@@ -1361,6 +1455,25 @@ fn describe(request: &Request) -> String {
                 text
             }
             Kind::RemoveListener(l) | Kind::ActivateListener(l) | Kind::DeactivateListener(l) => l.address.clone(),
+            Kind::UpdateListener(u) => {
+                let l = u.listener.clone().unwrap_or_default();
+                let values: Vec<String> = u
+                    .fields
+                    .iter()
+                    .map(|f| match f.as_str() {
+                        "public_address" => format!("public_address={}", l.public_address),
+                        "client_idle_timeout_ms" => format!("{f}={}", l.client_idle_timeout_ms),
+                        "request_timeout_ms" => format!("{f}={}", l.request_timeout_ms),
+                        "backend_connect_timeout_ms" => format!("{f}={}", l.backend_connect_timeout_ms),
+                        "backend_response_timeout_ms" => format!("{f}={}", l.backend_response_timeout_ms),
+                        "tls_min_version" => format!("{f}={}", l.tls_min_version),
+                        "cipher_suites" => format!("{f}={}", l.cipher_suites.join(":")),
+                        "groups" => format!("{f}={}", l.groups.join(":")),
+                        other => other.to_string(),
+                    })
+                    .collect();
+                format!("{} {}", u.address, values.join(" "))
+            }
             Kind::AddCertificate(c) => certificate_text(c),
             Kind::ReplaceCertificate(r) => {
                 let new = r
@@ -1378,6 +1491,7 @@ fn describe(request: &Request) -> String {
                 .join(" "),
             Kind::SaveState(p) | Kind::LoadState(p) => p.path.clone(),
             Kind::Apply(b) => format!("{} request(s)", b.requests.len()),
+            Kind::ApplyState(a) => format!("state of {} request(s)", a.target.len()),
             Kind::QueryMetrics(m) => m.cluster_id.clone(),
             Kind::SetLoggingLevel(l) => l.filter.clone(),
             Kind::UpgradeWorker(w) => w.id.to_string(),
@@ -1768,15 +1882,6 @@ ADDRESS     PROTOCOL  STATE     PUBLIC ADDRESS
         assert_eq!(utc_time(951_782_400), "2000-02-29 00:00 UTC");
     }
 
-    fn listener(address: &str, protocol: proto::Protocol) -> Request {
-        request_of(Kind::AddListener(proto::Listener {
-            address: address.into(),
-            protocol: protocol as i32,
-            active: true,
-            ..Default::default()
-        }))
-    }
-
     fn cluster(id: &str) -> Request {
         request_of(Kind::AddCluster(proto::Cluster {
             cluster_id: id.into(),
@@ -1792,136 +1897,6 @@ ADDRESS     PROTOCOL  STATE     PUBLIC ADDRESS
             weight: 100,
             backup: false,
         }))
-    }
-
-    fn frontend(address: &str, hostname: &str, cluster: &str) -> Request {
-        request_of(Kind::AddHttpFrontend(proto::HttpFrontend {
-            address: address.into(),
-            hostname: hostname.into(),
-            path: Some(proto::PathRule::default()),
-            method: String::new(),
-            cluster_id: cluster.into(),
-            tags: Default::default(),
-        }))
-    }
-
-    fn state_of(requests: &[Request]) -> State {
-        let mut state = State::new();
-        for request in requests {
-            state.apply(request).unwrap();
-        }
-        state
-    }
-
-    #[test]
-    fn apply_plan_removes_adds_and_warns_about_listeners() {
-        let running = state_of(&[
-            listener("0.0.0.0:80", proto::Protocol::Http),
-            listener("0.0.0.0:8080", proto::Protocol::Http),
-            listener("0.0.0.0:9000", proto::Protocol::Http),
-            cluster("old"),
-            backend("old", "10.0.0.1:80"),
-            frontend("0.0.0.0:80", "old.example", "old"),
-        ]);
-        let target = state_of(&[
-            listener("0.0.0.0:80", proto::Protocol::Http),
-            listener("0.0.0.0:9000", proto::Protocol::Tcp),
-            cluster("new"),
-            backend("new", "10.0.0.2:80"),
-            frontend("0.0.0.0:80", "new.example", "new"),
-        ]);
-        let plan = ApplyPlan::new(&running, &target);
-        let expected = "\
-remove_http_frontend 0.0.0.0:80 old.example -> old
-remove_cluster old
-remove_listener 0.0.0.0:8080
-remove_listener 0.0.0.0:9000
-add_listener 0.0.0.0:9000 tcp active
-add_cluster new round_robin
-add_backend new/10.0.0.2:80 10.0.0.2:80 weight 100
-add_http_frontend 0.0.0.0:80 new.example -> new
-";
-        assert_eq!(plan.to_text(), expected);
-        assert_eq!(
-            plan.removed_listeners,
-            vec![("0.0.0.0:8080".to_string(), false), ("0.0.0.0:9000".to_string(), true)]
-        );
-        let warnings = plan.warnings();
-        assert_eq!(warnings.len(), 2);
-        assert!(warnings.iter().all(|w| w.starts_with("warning: ")));
-
-        // The plan applied to the running state gives the target.
-        let mut applied = running.clone();
-        applied
-            .apply(&request_of(Kind::Apply(proto::Batch {
-                requests: plan.requests.clone(),
-            })))
-            .unwrap();
-        assert_eq!(applied.hash_hex(), target.hash_hex());
-
-        let same = ApplyPlan::new(&target, &target);
-        assert!(same.requests.is_empty());
-        assert_eq!(same.to_text(), "no change\n");
-        assert!(same.warnings().is_empty());
-    }
-
-    fn certificate_request(leaf: &str) -> Request {
-        request_of(Kind::AddCertificate(proto::Certificate {
-            address: "127.0.0.1:443".into(),
-            certificate: pem("CERTIFICATE", leaf),
-            chain: vec![],
-            key: pem("PRIVATE KEY", "MAU="),
-            names: vec!["a.com".into()],
-        }))
-    }
-
-    /// What the supervisor's dump holds: the state's requests without private keys.
-    fn dump_of(state: &State) -> Vec<Request> {
-        let mut requests = state.to_requests();
-        for r in &mut requests {
-            if let Some(Kind::AddCertificate(c)) = &mut r.kind {
-                c.key = String::new();
-            }
-        }
-        requests
-    }
-
-    #[test]
-    fn certificates_in_a_dump_without_keys_are_compared_by_fingerprint() {
-        let https = listener("127.0.0.1:443", proto::Protocol::Https);
-        let target = state_of(&[https.clone(), certificate_request("MAEC")]);
-        let running = rebuild_state(&dump_of(&target), &target).unwrap();
-        assert!(ApplyPlan::new(&running, &target).requests.is_empty());
-
-        // A running certificate the file no longer has is removed by fingerprint.
-        let running_state = state_of(&[https.clone(), certificate_request("MAME")]);
-        let running = rebuild_state(&dump_of(&running_state), &target).unwrap();
-        let plan = ApplyPlan::new(&running, &target);
-        let kinds: Vec<&str> = plan.requests.iter().map(request_kind_name).collect();
-        assert_eq!(kinds, ["remove_certificate", "add_certificate"]);
-        assert!(
-            matches!(&plan.requests[0].kind, Some(Kind::RemoveCertificate(c))
-                if c.fingerprint == state::certificate_fingerprint(&pem("CERTIFICATE", "MAME")).unwrap()),
-            "{:?}",
-            plan.requests[0]
-        );
-        assert!(matches!(&plan.requests[1].kind, Some(Kind::AddCertificate(c)) if c.key == pem("PRIVATE KEY", "MAU=")));
-    }
-
-    #[test]
-    fn a_dump_that_does_not_replay_is_a_typed_error() {
-        let err = rebuild_state(&[cluster("a"), backend("missing", "10.0.0.1:80")], &State::new()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ClientError::RunningState {
-                    index: 1,
-                    kind: "add_backend",
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
     }
 
     fn socket_path(name: &str) -> PathBuf {
@@ -2037,7 +2012,7 @@ add_http_frontend 0.0.0.0:80 new.example -> new
     }
 
     #[test]
-    fn apply_dumps_then_sends_the_diff_as_one_batch() {
+    fn apply_sends_the_file_state_and_prints_the_supervisors_plan() {
         let dir = std::env::temp_dir().join(format!("rampart-client-apply-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("rampart.toml");
@@ -2046,21 +2021,28 @@ add_http_frontend 0.0.0.0:80 new.example -> new
         std::fs::write(&file, toml).unwrap();
         let path = socket_path("apply");
         let socket = UnixListener::bind(&path).unwrap();
+        let plan = vec![
+            request_of(Kind::RemoveCluster(proto::ClusterId {
+                cluster_id: "old".into(),
+            })),
+            cluster("shop"),
+            backend("shop", "10.0.0.1:80"),
+        ];
         // Two connections: the dry run, then the real one.
         let server = std::thread::spawn(move || {
             let mut seen = Vec::new();
-            for _ in 0..2 {
+            for round in 0..2 {
                 let (mut stream, _) = socket.accept().unwrap();
                 let mut frames = FrameReader::default();
                 while let Some(request) = frames.read_message::<Request, _>(&mut stream).unwrap() {
-                    let content = match request.kind {
-                        Some(Kind::DumpState(_)) => Some(Content::State(proto::StateDump {
-                            requests: vec![listener("127.0.0.1:8080", proto::Protocol::Http), cluster("old")],
-                            hash: "h".into(),
-                        })),
-                        _ => None,
-                    };
-                    let ok = response(&request, ResponseStatus::Ok, "applied 3 change(s)", content);
+                    let content = Some(Content::Plan(proto::Plan {
+                        requests: plan.clone(),
+                        base_state_hash: "aa".into(),
+                        target_state_hash: "bb".into(),
+                        applied: round == 1,
+                    }));
+                    let message = if round == 0 { "dry run" } else { "applied 3 change(s)" };
+                    let ok = response(&request, ResponseStatus::Ok, message, content);
                     framing::write_frame(&mut stream, &ok).unwrap();
                     seen.push(request);
                 }
@@ -2075,24 +2057,61 @@ add_backend shop/10.0.0.1:80 10.0.0.1:80 weight 100
         let file = file.to_str().unwrap();
         let mut out = Vec::new();
         execute(&parse(&["apply", "-f", file, "--dry-run"]), &path, false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with(diff), "{text}");
+        assert!(text.contains("--expect-state aa"), "{text}");
+        let mut out = Vec::new();
+        execute(
+            &parse(&["apply", "-f", file, "--expect-state", "aa"]),
+            &path,
+            false,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            format!("{diff}dry run: nothing was sent\n")
+            format!("{diff}applied 3 change(s)\nstate aa -> bb\n")
         );
-        let mut out = Vec::new();
-        execute(&parse(&["apply", "-f", file]), &path, false, &mut out).unwrap();
-        assert_eq!(String::from_utf8(out).unwrap(), format!("{diff}applied 3 change(s)\n"));
 
         let seen = server.join().unwrap();
         let kinds: Vec<&str> = seen.iter().map(request_kind_name).collect();
-        assert_eq!(kinds, ["dump_state", "dump_state", "apply"]);
-        let Some(Kind::Apply(batch)) = &seen[2].kind else {
-            panic!("the last request is not a batch: {:?}", seen[2]);
+        assert_eq!(kinds, ["apply_state", "apply_state"]);
+        let (Some(Kind::ApplyState(dry)), Some(Kind::ApplyState(real))) = (&seen[0].kind, &seen[1].kind) else {
+            panic!("{seen:?}");
         };
-        let sent: String = batch.requests.iter().map(|r| format!("{}\n", describe(r))).collect();
-        assert_eq!(sent, diff);
+        assert!(dry.dry_run && !real.dry_run);
+        assert_eq!(
+            (dry.base_state_hash.as_str(), real.base_state_hash.as_str()),
+            ("", "aa")
+        );
+        // The whole state of the file: its listener, cluster and backend.
+        let sent: Vec<&str> = real.target.iter().map(request_kind_name).collect();
+        assert_eq!(sent, ["add_listener", "add_cluster", "add_backend"]);
         std::fs::remove_file(&path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn listener_update_sends_only_the_given_fields() {
+        let Kind::UpdateListener(u) = kind_of(&[
+            "listener",
+            "update",
+            "127.0.0.1:80",
+            "--request-timeout-ms",
+            "2500",
+            "--groups",
+            "X25519:P-256",
+            "--answer",
+            "404=",
+        ]) else {
+            panic!()
+        };
+        assert_eq!(u.address, "127.0.0.1:80");
+        assert_eq!(u.fields, ["request_timeout_ms", "groups", "answers.404"]);
+        let l = u.listener.unwrap();
+        assert_eq!(l.request_timeout_ms, 2500);
+        assert_eq!(l.groups, ["X25519", "P-256"]);
+        assert!(l.answers.is_empty());
     }
 
     #[test]

@@ -160,27 +160,79 @@ impl Rampart {
     }
 
     pub fn start_with(name: &str, config: &str, extra_args: &[&str]) -> Rampart {
-        Self::start_inner(name, config, extra_args, None)
+        Self::start_inner(name, config, extra_args, None, &[])
     }
 
     /// Starts rampart with a soft open-file limit of `nofile` (its hard limit unchanged).
     pub fn start_with_nofile(name: &str, config: &str, nofile: u64) -> Rampart {
-        Self::start_inner(name, config, &[], Some(nofile))
+        Self::start_inner(name, config, &[], Some(nofile), &[])
     }
 
-    fn start_inner(name: &str, config: &str, extra_args: &[&str], nofile: Option<u64>) -> Rampart {
+    /// Starts rampart with these variables added to its environment (the test hooks).
+    pub fn start_with_env(name: &str, config: &str, env: &[(&str, &str)]) -> Rampart {
+        Self::start_inner(name, config, &[], None, env)
+    }
+
+    fn start_inner(
+        name: &str,
+        config: &str,
+        extra_args: &[&str],
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> Rampart {
         let dir = TempDir::new(name);
         let text = config.replace("{dir}", &dir.path().display().to_string());
         let config_path = dir.path().join("rampart.toml");
         std::fs::write(&config_path, &text).unwrap();
         let log = dir.path().join("rampart.log");
-        let log_file = std::fs::File::create(&log).unwrap();
+        let child = Self::spawn_supervisor(&config_path, &log, extra_args, nofile, env);
+        let socket = dir.path().join("rampart.sock");
+        let r = Rampart {
+            child,
+            dir,
+            config: config_path,
+            socket,
+            log,
+        };
+        r.wait_running();
+        r
+    }
+
+    /// Kills the supervisor with SIGKILL (its workers die with it) and starts it again on the
+    /// same directory and configuration, appending to the same log.
+    pub fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The workers go with their supervisor (PDEATHSIG); wait until they are gone.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        self.child = Self::spawn_supervisor(&self.config, &self.log, &[], None, &[]);
+        self.wait_running();
+    }
+
+    /// The records of the audit log (`audit.log` in the test directory), parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn spawn_supervisor(
+        config_path: &Path,
+        log: &Path,
+        extra_args: &[&str],
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> std::process::Child {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let mut command = std::process::Command::new(rampart_bin());
         command
             .arg("start")
             .arg("-c")
-            .arg(&config_path)
+            .arg(config_path)
             .args(extra_args)
+            .envs(env.iter().copied())
             .stdout(log_file.try_clone().unwrap())
             .stderr(log_file);
         if let Some(soft) = nofile {
@@ -194,17 +246,7 @@ impl Rampart {
                 });
             }
         }
-        let child = command.spawn().unwrap();
-        let socket = dir.path().join("rampart.sock");
-        let r = Rampart {
-            child,
-            dir,
-            config: config_path,
-            socket,
-            log,
-        };
-        r.wait_running();
-        r
+        command.spawn().unwrap()
     }
 
     /// Waits until every worker reports running (10 s at most).

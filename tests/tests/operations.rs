@@ -48,38 +48,6 @@ fn sighup_reopens_the_log_file() {
     );
 }
 
-/// A change waits for every worker's acknowledgement; a worker that does not answer within the
-/// timeout is named in the reply, and the others are not held back for good.
-#[test]
-fn a_worker_that_does_not_acknowledge_is_named() {
-    let r = Rampart::start("ops-late", &config_head(Path::new("{dir}"), 2));
-    let pids = r.worker_pids();
-    assert_eq!(pids.len(), 2);
-    let stopped = nix::unistd::Pid::from_raw(pids[1]);
-    let ids: serde_json::Value = serde_json::from_str(&r.ctl(&["workers", "--json"])).unwrap();
-    let late_id = ids["content"]["workers"]["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["pid"] == pids[1])
-        .map(|w| w["id"].as_u64().unwrap())
-        .unwrap();
-    nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let began = Instant::now();
-    let reply = r.try_ctl(&["cluster", "add", "while-stopped"]);
-    let waited = began.elapsed();
-    nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGCONT).unwrap();
-    let err = reply.expect_err("a change a worker never acknowledged was reported as done");
-    assert!(
-        err.contains(&format!("worker {late_id} did not acknowledge within 5s")),
-        "{err}"
-    );
-    assert!(waited >= Duration::from_secs(4), "answered after {waited:?}");
-    // Applied in the supervisor all the same, and the resumed worker catches up.
-    assert!(r.ctl(&["cluster", "list", "--json"]).contains("while-stopped"));
-    r.ctl(&["cluster", "add", "after-resume"]);
-}
-
 /// With an access policy, a command connection silent longer than `idle_timeout_secs` is closed.
 #[test]
 fn an_idle_command_connection_is_closed() {

@@ -63,6 +63,10 @@ pub struct WorkerLaunch {
     /// Certificates arrive without their keys; the keyring signs.
     #[serde(default)]
     pub key_isolation: bool,
+    /// Test hook: refuse a live order (sequence > 0) that adds this cluster. Set only from the
+    /// supervisor's test-only environment variable; a production supervisor never sets it.
+    #[serde(default)]
+    pub refuse_cluster: Option<String>,
 }
 
 /// Global timeouts.
@@ -237,6 +241,7 @@ struct Worker {
     timeouts: Timeouts,
     stopping: Option<Instant>,
     shutdown_grace: Duration,
+    refuse_cluster: Option<String>,
 }
 
 /// The report a jailed process sends the supervisor.
@@ -365,6 +370,7 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         },
         stopping: None,
         shutdown_grace: Duration::from_secs(u64::from(launch.shutdown_grace)),
+        refuse_cluster: launch.refuse_cluster.clone(),
     };
     worker.event_loop()
 }
@@ -815,6 +821,13 @@ impl Worker {
             self.reply(order.sequence, false, "order without a request".into());
             return None;
         };
+        if let (Some(refused), Some(RequestKind::AddCluster(c))) = (&self.refuse_cluster, &request.kind)
+            && order.sequence != 0
+            && c.cluster_id == *refused
+        {
+            self.reply(order.sequence, false, format!("test hook: cluster `{refused}` refused"));
+            return None;
+        }
         if is_state_change(&request) {
             match self.state.apply(&request) {
                 Ok(change) => {

@@ -454,7 +454,19 @@ mod tests {
         assert_eq!(second.built.len(), 3);
         let c2 = context_of(&second, &c);
 
-        state.apply(&listener("1.3")).unwrap();
+        state
+            .apply(&proto::Request {
+                id: String::new(),
+                kind: Some(Kind::UpdateListener(proto::ListenerUpdate {
+                    address: ADDRESS.into(),
+                    listener: Some(proto::Listener {
+                        tls_min_version: "1.3".into(),
+                        ..Default::default()
+                    }),
+                    fields: vec!["tls_min_version".into()],
+                })),
+            })
+            .unwrap();
         let (mut third, _) = TlsContexts::from_state(&state, None, &keyring, &mut second);
         assert_ne!(
             context_of(&third, &a),

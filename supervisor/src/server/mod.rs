@@ -1,0 +1,436 @@
+//! The supervisor: the one privileged process.
+//!
+//! It binds every listening socket (one SO_REUSEPORT socket per listener and worker slot, kept
+//! for the supervisor's whole life so that a respawned worker gets the same accept queue),
+//! creates the command socket (mode 0600 from the start), spawns the jailed workers and then
+//! runs one mio loop over: the command socket and its clients, each worker's channel and stderr,
+//! and signals (signalfd). It holds the authoritative state: a request is validated and applied
+//! here first, then sent to every worker, and answered when every worker acknowledged it.
+
+mod clients;
+mod dispatch;
+mod fanout;
+mod keys;
+mod query;
+mod resources;
+mod start;
+mod workers;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use mio::net::{UnixListener, UnixStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use rampart_command::channel::{Channel, ChannelError};
+use rampart_command::config::Config;
+use rampart_command::framing::{FrameError, FrameReader, decode_request, encode_frame};
+use rampart_command::keyfile::KeyFile;
+use rampart_command::kinds::Handler;
+use rampart_command::proto::{self, ChannelMessage, channel_message::Kind as ChannelKind, request::Kind};
+use rampart_command::state::{State, certificate_fingerprint};
+use rampart_policy::profile::{ConnectRule, Profile, ProfileOptions, WorkerJailParams};
+use rampart_worker::{CHANNEL_FD, WorkerLaunch};
+
+use crate::audit::{Auditor, Completion};
+use crate::log::Log;
+use keys::{check_key, visit_certificates};
+use rampart_audit::Outcome;
+use rampart_audit::record::{ProcessOutcome, ProcessResult};
+use resources::{bind_listener, command_socket, write_private_file};
+
+const COMMAND: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const WORKER_BASE: usize = 100;
+const CLIENT_BASE: usize = 100_000;
+/// How long a request waits for every worker's acknowledgement.
+const WORKER_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] rampart_command::config::ConfigError),
+    #[error("cannot bind listener {address}: {source}")]
+    Bind { address: String, source: nix::Error },
+    #[error("cannot create the command socket {}: {source}", path.display())]
+    CommandSocket { path: PathBuf, source: io::Error },
+    #[error("another rampart is already listening on {}", .0.display())]
+    AlreadyRunning(PathBuf),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(nix::Error),
+    #[error("cannot create the event loop: {0}")]
+    Poll(io::Error),
+    #[error("cannot open the rampart binary through /proc/self/exe: {0}")]
+    SelfExe(io::Error),
+    #[error("--sandbox-off is refused: the configuration requires the sandbox (sandbox.require_landlock = true)")]
+    SandboxRequired,
+    #[error("invalid certificate in the configuration: {0}")]
+    Certificate(String),
+    #[error("the audit log cannot be opened: {0}")]
+    Audit(String),
+    #[error("cannot create {}: {source}", path.display())]
+    Directory { path: PathBuf, source: io::Error },
+    #[error("the saved state {} cannot be loaded: {reason}; move it away to start from the configuration file", path.display())]
+    SavedState { path: PathBuf, reason: String },
+    #[error("cannot make a TLS session ticket key: the kernel's random source failed: {0}")]
+    Random(getrandom::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    Starting,
+    Running,
+    Stopping,
+    Dead,
+}
+
+impl RunState {
+    fn name(self) -> &'static str {
+        match self {
+            RunState::Starting => "starting",
+            RunState::Running => "running",
+            RunState::Stopping => "stopping",
+            RunState::Dead => "dead",
+        }
+    }
+}
+
+struct WorkerSlot {
+    id: u32,
+    pid: Option<Pid>,
+    channel: Option<Channel>,
+    stderr: Option<std::fs::File>,
+    stderr_buf: Vec<u8>,
+    outbox: VecDeque<(ChannelMessage, Option<RawFd>, Option<OwnedFd>)>,
+    run_state: RunState,
+    keyring: bool,
+    jail: Option<proto::JailReport>,
+    started: Instant,
+    respawn_at: Option<Instant>,
+    backoff: Duration,
+}
+
+use rampart_policy::access::Peer;
+
+struct Client {
+    stream: UnixStream,
+    peer: Peer,
+    reader: FrameReader,
+    out: Vec<u8>,
+    closing: bool,
+    last_active: Instant,
+    idle_timeout: Duration,
+    serial: u64,
+}
+
+/// A state change the supervisor applied and sent to every process, waiting for their answers.
+struct Pending {
+    client: usize,
+    /// The client connection's serial: a slab key is reused after a disconnect, and an answer
+    /// must never reach the connection that took the key over.
+    serial: u64,
+    peer: Peer,
+    request: proto::Request,
+    received_seq: u64,
+    state_before: String,
+    state_after: String,
+    /// Slot id and pid of every process that has not answered yet.
+    waiting: BTreeMap<u32, i32>,
+    results: Vec<ProcessOutcome>,
+    deadline: Instant,
+    message: String,
+    content: Option<proto::response::Content>,
+}
+
+/// A worker replaced by a new one in its slot, draining its connections until it exits or its
+/// deadline passes (then it is killed). Its channel stays open: a worker whose channel closes
+/// takes the supervisor for gone and exits at once, dropping its connections.
+struct Retiring {
+    id: u32,
+    pid: Pid,
+    _channel: Channel,
+    _stderr: Option<std::fs::File>,
+    deadline: Instant,
+}
+
+pub struct Supervisor {
+    config: Config,
+    state: State,
+    poll: Poll,
+    command: UnixListener,
+    command_path: PathBuf,
+    signals: SignalFd,
+    self_exe: OwnedFd,
+    launch: WorkerLaunch,
+    worker_uid: Option<u32>,
+    workers: Vec<WorkerSlot>,
+    /// Listening sockets by address, one per worker slot.
+    listeners: BTreeMap<String, Vec<OwnedFd>>,
+    clients: slab::Slab<Client>,
+    pending: HashMap<u64, Pending>,
+    next_sequence: u64,
+    log: Log,
+    audit: Auditor,
+    stop_deadline: Option<Instant>,
+    /// Listeners bound by the last change, to hand to the workers once they have the change.
+    fresh_listeners: Vec<String>,
+    /// The TLS session ticket key all workers share, and when it was made.
+    ticket_key: Vec<u8>,
+    ticket_key_made: Instant,
+    /// Under key isolation, the private keys by certificate fingerprint, each in a memory file
+    /// the supervisor does not map: the state holds certificates without keys.
+    vault: BTreeMap<String, KeyFile>,
+    /// The fingerprints whose keys the running keyring was given.
+    keyring_keys: BTreeSet<String>,
+    /// `state.hash_hex()`, computed once per change (it reads the whole state).
+    state_hash: String,
+    /// Workers replaced in their slot, draining.
+    retiring: Vec<Retiring>,
+    /// Where every acknowledged change is saved, when configured.
+    saved_state: Option<PathBuf>,
+}
+
+/// How long a session ticket key is used before a new one replaces it.
+const TICKET_KEY_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+
+/// A new session ticket key (key name, HMAC key, AES key) from the kernel's random source. A
+/// failure is an error: a predictable ticket key would let anyone decrypt resumed sessions.
+fn new_ticket_key() -> Result<Vec<u8>, getrandom::Error> {
+    let mut key = vec![0u8; 48];
+    getrandom::fill(&mut key)?;
+    Ok(key)
+}
+
+impl Supervisor {
+    /// Runs until stopped. Returns the process exit code.
+    pub fn run(&mut self) -> i32 {
+        let mut events = Events::with_capacity(256);
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, Some(Duration::from_millis(100)))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                self.log.error(&format!("event loop failed: {e}"));
+                return 1;
+            }
+            let tokens: Vec<(Token, bool, bool)> = events
+                .iter()
+                .map(|e| (e.token(), e.is_readable() || e.is_read_closed(), e.is_writable()))
+                .collect();
+            for (token, readable, writable) in tokens {
+                match token {
+                    COMMAND => self.accept_clients(),
+                    SIGNALS => {
+                        if let Some(code) = self.handle_signals() {
+                            return code;
+                        }
+                    }
+                    Token(t) if (WORKER_BASE..CLIENT_BASE).contains(&t) => {
+                        let id = ((t - WORKER_BASE) / 2) as u32;
+                        if (t - WORKER_BASE).is_multiple_of(2) {
+                            if readable {
+                                self.worker_messages(id);
+                            }
+                            if writable {
+                                self.flush_worker(id);
+                            }
+                        } else {
+                            self.worker_stderr(id);
+                        }
+                    }
+                    Token(t) if t >= CLIENT_BASE => {
+                        let key = t - CLIENT_BASE;
+                        if readable {
+                            self.client_readable(key);
+                        }
+                        self.flush_client(key);
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(code) = self.tick() {
+                return code;
+            }
+        }
+    }
+
+    fn tick(&mut self) -> Option<i32> {
+        let now = Instant::now();
+        self.audit.tick();
+        if now.duration_since(self.ticket_key_made) > TICKET_KEY_LIFETIME {
+            self.rotate_ticket_key(now);
+        }
+        // Command connections silent for longer than their idle timeout are closed.
+        let idle: Vec<usize> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.last_active) > c.idle_timeout)
+            .map(|(k, _)| k)
+            .collect();
+        for key in idle {
+            self.close_client(key);
+        }
+        // Respawns.
+        let due: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|w| w.run_state == RunState::Dead && w.respawn_at.is_some_and(|t| now >= t))
+            .map(|w| w.id)
+            .collect();
+        if self.stop_deadline.is_none() {
+            for id in due {
+                self.spawn(id);
+            }
+        }
+        // Replaced workers that drained too long.
+        for r in &self.retiring {
+            if now >= r.deadline {
+                let _ = nix::sys::signal::kill(r.pid, Signal::SIGKILL);
+            }
+        }
+        self.expire_pending(now);
+        if let Some(deadline) = self.stop_deadline {
+            let alive = self.workers.iter().filter(|w| w.pid.is_some()).count() + self.retiring.len();
+            if alive == 0 {
+                self.log.info("all workers stopped; exiting");
+                self.audit.system("supervisor_stop", "all workers stopped");
+                self.audit.close();
+                let _ = std::fs::remove_file(&self.command_path);
+                return Some(0);
+            }
+            if now >= deadline {
+                let pids = self
+                    .workers
+                    .iter()
+                    .filter_map(|w| w.pid)
+                    .chain(self.retiring.iter().map(|r| r.pid));
+                for pid in pids {
+                    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                }
+                self.stop_deadline = Some(now + Duration::from_secs(2));
+            }
+        }
+        None
+    }
+
+    fn rotate_ticket_key(&mut self, now: Instant) {
+        match new_ticket_key() {
+            Ok(key) => self.ticket_key = key,
+            Err(e) => {
+                // The old key stays in use; trying again at the next tick.
+                self.log.error(&format!(
+                    "TLS session ticket key not rotated: the kernel's random source failed: {e}"
+                ));
+                return;
+            }
+        }
+        self.ticket_key_made = now;
+        for id in self.running_workers() {
+            let keys = ChannelMessage {
+                kind: Some(ChannelKind::TicketKeys(proto::TicketKeys {
+                    key: self.ticket_key.clone(),
+                })),
+            };
+            self.send(id, keys, None);
+        }
+        self.log.info("TLS session ticket key rotated");
+    }
+
+    /// Starts a soft (draining) or hard stop. Returns what the stop does, for the answer or the
+    /// audit record of whoever asked.
+    fn begin_stop(&mut self, hard: bool) -> String {
+        if self.stop_deadline.is_some() {
+            return "already stopping".into();
+        }
+        let grace = if hard {
+            Duration::from_millis(0)
+        } else {
+            Duration::from_secs(u64::from(self.config.timeouts.shutdown_grace))
+        };
+        self.log
+            .info(&format!("stopping ({})", if hard { "hard" } else { "soft, draining" }));
+        self.stop_deadline = Some(Instant::now() + grace + Duration::from_millis(500));
+        let kind = if hard {
+            Kind::HardStop(proto::Empty {})
+        } else {
+            Kind::SoftStop(proto::Empty {})
+        };
+        let request = proto::Request {
+            id: String::new(),
+            kind: Some(kind),
+        };
+        for id in 0..self.workers.len() as u32 {
+            self.send_order(id, 0, request.clone());
+            if let Some(w) = self.workers.get_mut(id as usize)
+                && w.run_state == RunState::Running
+            {
+                w.run_state = RunState::Stopping;
+            }
+        }
+        if hard {
+            "hard stop: exiting now".into()
+        } else {
+            format!("soft stop: draining for at most {} s, then exiting", grace.as_secs())
+        }
+    }
+
+    /// Signals, each audited with its sender (uid and pid from signalfd): a reviewer can tell
+    /// who stopped rampart from the trail alone.
+    fn handle_signals(&mut self) -> Option<i32> {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            let Ok(signal) = Signal::try_from(info.ssi_signo as i32) else {
+                continue;
+            };
+            let outcome = match signal {
+                Signal::SIGCHLD => {
+                    self.reap();
+                    continue;
+                }
+                // TERM/INT: drain for at most the grace period, then kill; QUIT: the same soft stop.
+                Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => self.begin_stop(false),
+                Signal::SIGHUP => {
+                    self.log.reopen();
+                    self.log.info("log reopened (SIGHUP)");
+                    "log file reopened".to_string()
+                }
+                Signal::SIGUSR2 => match self.audit.rotate() {
+                    Ok(message) => {
+                        self.log.info(&message);
+                        message
+                    }
+                    Err(e) => {
+                        let message = format!("audit log rotation failed: {e}");
+                        self.log.error(&message);
+                        message
+                    }
+                },
+                _ => continue,
+            };
+            self.log.info(&format!(
+                "{} from uid {} pid {}: {outcome}",
+                signal.as_str(),
+                info.ssi_uid,
+                info.ssi_pid
+            ));
+            self.audit
+                .signal(info.ssi_uid, info.ssi_pid as i32, signal.as_str(), &outcome);
+        }
+        None
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.command_path);
+    }
+}

@@ -1,0 +1,203 @@
+//! Start-up: configuration to running workers.
+
+use super::*;
+
+impl Supervisor {
+    pub fn start(config: Config, sandbox_off: bool, log: Log) -> Result<Supervisor, StartError> {
+        if sandbox_off && config.sandbox.require_landlock {
+            return Err(StartError::SandboxRequired);
+        }
+        let configured = config.to_state()?;
+        let saved_state = config.saved_state_path();
+        let (mut state, origin) = match &saved_state {
+            Some(path) if path.exists() => {
+                let loaded = load_saved_state(path)?;
+                (loaded, StateOrigin::Saved(path.clone()))
+            }
+            _ => (configured.clone(), StateOrigin::Configuration),
+        };
+        // Which one serves, and whether the file says something else, goes to the log.
+        let origin_text = match &origin {
+            StateOrigin::Saved(path) => {
+                let differences = state.diff(&configured).len();
+                if differences == 0 {
+                    format!(
+                        "state loaded from the saved state {} (the same as the configuration file)",
+                        path.display()
+                    )
+                } else {
+                    format!(
+                        "state loaded from the saved state {}: it differs from the configuration file by {differences} change(s); `rampart apply -f FILE` applies the file",
+                        path.display()
+                    )
+                }
+            }
+            StateOrigin::Configuration => "state built from the configuration file".to_string(),
+        };
+        for (_, certificate) in state.certificates() {
+            check_key(certificate).map_err(StartError::Certificate)?;
+        }
+        let mut vault = BTreeMap::new();
+        if config.key_isolation {
+            for (fingerprint, mut key) in state.take_keys() {
+                let file = KeyFile::create(&mut key).map_err(|e| {
+                    StartError::Certificate(format!(
+                        "certificate {fingerprint}: its key cannot be moved to a memory file: {e}"
+                    ))
+                })?;
+                vault.insert(fingerprint, file);
+            }
+        }
+
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::Directory {
+            path: config.state_dir.clone(),
+            source,
+        })?;
+        let audit = Auditor::open(&config).map_err(StartError::Audit)?;
+        let self_exe = std::fs::File::open("/proc/self/exe").map_err(StartError::SelfExe)?;
+        let mut mask = SigSet::empty();
+        for s in [
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGQUIT,
+            Signal::SIGHUP,
+            Signal::SIGUSR2,
+            Signal::SIGCHLD,
+            Signal::SIGPIPE,
+        ] {
+            mask.add(s);
+        }
+        mask.thread_block().map_err(StartError::Signals)?;
+        let signals =
+            SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).map_err(StartError::Signals)?;
+        let poll = Poll::new().map_err(StartError::Poll)?;
+        let mut command = command_socket(&config.command_socket, config.access_policy.is_some())?;
+        poll.registry()
+            .register(&mut command, COMMAND, Interest::READABLE)
+            .map_err(StartError::Poll)?;
+        poll.registry()
+            .register(&mut SourceFd(&signals.as_fd().as_raw_fd()), SIGNALS, Interest::READABLE)
+            .map_err(StartError::Poll)?;
+        let worker_count = u32::from(config.worker_count);
+        let mut listeners = BTreeMap::new();
+        for address in state.listeners().keys() {
+            let mut fds = Vec::new();
+            for _ in 0..worker_count {
+                fds.push(bind_listener(address)?);
+            }
+            listeners.insert(address.clone(), fds);
+        }
+        let jail = WorkerJailParams::from_config(&config, ProfileOptions { sandbox_off });
+        let worker_uid = if nix::unistd::Uid::effective().is_root() && !sandbox_off {
+            nix::unistd::User::from_name(&config.worker_user)
+                .ok()
+                .flatten()
+                .map(|u| u.uid.as_raw())
+        } else {
+            None
+        };
+        let launch = WorkerLaunch {
+            id: 0,
+            jail,
+            buffer_size: config.buffer_size,
+            max_connections: config.max_connections,
+            client_idle_timeout: config.timeouts.client_idle,
+            request_timeout: config.timeouts.request,
+            backend_connect_timeout: config.timeouts.backend_connect,
+            backend_response_timeout: config.timeouts.backend_response,
+            shutdown_grace: config.timeouts.shutdown_grace,
+            key_isolation: config.key_isolation,
+            refuse_cluster: None,
+        };
+        // The keyring, when keys are isolated, takes the slot after the workers.
+        let slots = worker_count + u32::from(config.key_isolation);
+        let workers = (0..slots)
+            .map(|id| WorkerSlot {
+                keyring: id >= worker_count,
+                id,
+                pid: None,
+                channel: None,
+                stderr: None,
+                stderr_buf: Vec::new(),
+                outbox: VecDeque::new(),
+                run_state: RunState::Dead,
+                jail: None,
+                started: Instant::now(),
+                respawn_at: None,
+                backoff: Duration::from_millis(100),
+            })
+            .collect();
+        let command_path = config.command_socket.clone();
+        let mut supervisor = Supervisor {
+            config,
+            state,
+            poll,
+            command,
+            command_path,
+            signals,
+            self_exe: OwnedFd::from(self_exe),
+            launch,
+            worker_uid,
+            workers,
+            listeners,
+            clients: slab::Slab::new(),
+            pending: HashMap::new(),
+            next_sequence: 1,
+            log,
+            audit,
+            stop_deadline: None,
+            fresh_listeners: Vec::new(),
+            ticket_key: new_ticket_key().map_err(StartError::Random)?,
+            ticket_key_made: Instant::now(),
+            vault,
+            keyring_keys: BTreeSet::new(),
+            state_hash: String::new(),
+            retiring: Vec::new(),
+            saved_state,
+        };
+        supervisor.state_hash = supervisor.state.hash_hex();
+        supervisor.log.info(&origin_text);
+        if let Some(file) = supervisor.vault.values().next() {
+            let text = format!(
+                "{} private key(s) held for the keyring in {}; none in the supervisor's memory",
+                supervisor.vault.len(),
+                file.backing().describe()
+            );
+            supervisor.log.info(&text);
+        }
+        if sandbox_off {
+            supervisor
+                .log
+                .warn("WORKERS RUN WITHOUT THEIR JAIL (--sandbox-off): for measurements only");
+        }
+        supervisor.audit.system(
+            "supervisor_start",
+            &format!(
+                "pid {}, state {}; {origin_text}",
+                std::process::id(),
+                supervisor.state_hash
+            ),
+        );
+        for id in 0..slots {
+            supervisor.spawn(id);
+        }
+        Ok(supervisor)
+    }
+}
+
+/// Where the running state came from at start.
+enum StateOrigin {
+    Configuration,
+    Saved(PathBuf),
+}
+
+fn load_saved_state(path: &Path) -> Result<State, StartError> {
+    let file = std::fs::File::open(path).map_err(|e| StartError::SavedState {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    State::load(io::BufReader::new(file)).map_err(|e| StartError::SavedState {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
