@@ -3,6 +3,7 @@
 //! - [`profile`]: the worker's sandbox profile: the system calls it may make (each with its
 //!   argument conditions and the reason it is needed), its landlock rules, rlimits and the
 //!   unprivileged account it runs as. `rampart policy show` prints it.
+//! - [`supervisor`]: what the supervisor keeps after start (capabilities, landlock paths).
 //! - [`access`]: who may send which command-socket requests (roles, tenants, rate limits).
 //!
 //! This crate only describes; `rampart-sandbox` enforces a profile and the supervisor enforces
@@ -10,3 +11,4 @@
 
 pub mod access;
 pub mod profile;
+pub mod supervisor;

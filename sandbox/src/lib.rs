@@ -25,6 +25,7 @@
 
 pub mod inspect;
 pub mod probe;
+pub mod supervisor;
 mod syscalls;
 
 use std::collections::BTreeMap;
@@ -347,7 +348,7 @@ fn set_process_flags() -> Result<(), JailError> {
 }
 
 /// (effective, permitted, inheritable, bounding, ambient) as bit masks.
-fn read_capabilities() -> (u64, u64, u64, u64, u64) {
+pub(crate) fn read_capabilities() -> (u64, u64, u64, u64, u64) {
     use caps::CapSet;
     let mask = |set| {
         caps::read(None, set)

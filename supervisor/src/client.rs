@@ -1182,6 +1182,13 @@ fn render_status(s: &proto::StatusReport) -> String {
     let _ = writeln!(out, "clusters    {}", s.clusters);
     let _ = writeln!(out, "frontends   {}", s.frontends);
     let _ = writeln!(out, "backends    {}", s.backends);
+    if let Some(j) = &s.supervisor {
+        let _ = writeln!(
+            out,
+            "supervisor  uid {} capabilities {:#x} landlock {}",
+            j.uid, j.cap_effective, j.landlock_status
+        );
+    }
     out
 }
 

@@ -89,8 +89,11 @@ enum PolicyAction {
     /// Print the effective worker sandbox profile of a configuration.
     Show {
         /// The keyring's profile instead (the process that holds private keys).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "supervisor")]
         keyring: bool,
+        /// What the supervisor keeps after start instead: capabilities and landlock paths.
+        #[arg(long)]
+        supervisor: bool,
     },
 }
 
@@ -123,8 +126,8 @@ fn main() -> ExitCode {
             action: ConfigAction::Check,
         } => config_check(config, json),
         Command::Policy {
-            action: PolicyAction::Show { keyring },
-        } => policy_show(config, json, keyring),
+            action: PolicyAction::Show { keyring, supervisor },
+        } => policy_show(config, json, keyring, supervisor),
         Command::Sandbox {
             action: SandboxAction::Check,
         } => sandbox_check(config, json),
@@ -205,11 +208,26 @@ fn load_config(path: &Option<PathBuf>) -> Result<Config, ExitCode> {
     })
 }
 
-fn policy_show(path: Option<PathBuf>, json: bool, keyring: bool) -> ExitCode {
+fn policy_show(path: Option<PathBuf>, json: bool, keyring: bool, supervisor: bool) -> ExitCode {
     let config = match load_config(&path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if supervisor {
+        let binary = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("rampart"));
+        let profile = rampart_policy::supervisor::SupervisorProfile::from_config(&config, &binary);
+        if json {
+            let value = serde_json::json!({
+                "capabilities": profile.capabilities.iter().map(|c| serde_json::json!({"name": c.name, "reason": c.reason})).collect::<Vec<_>>(),
+                "paths": profile.paths.iter().map(|p| serde_json::json!({"path": p.path, "access": p.access.name(), "reason": p.reason})).collect::<Vec<_>>(),
+                "require_landlock": profile.require_landlock,
+            });
+            println!("{value:#}");
+        } else {
+            print!("{}", profile.to_text());
+        }
+        return ExitCode::SUCCESS;
+    }
     let profile = if keyring {
         let params = rampart_policy::profile::WorkerJailParams::from_config(&config, ProfileOptions::default());
         Profile::keyring(&params)

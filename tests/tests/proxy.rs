@@ -538,6 +538,22 @@ fn embedded_default_and_readme_quickstart() {
         return;
     }
     let _backend = EchoBackend::start_on(8000);
+    // The embedded configuration saves runtime changes and loads them at start: an earlier run's
+    // cluster would answer. The file is moved aside for the test and put back afterwards.
+    let saved = std::path::Path::new("/var/lib/rampart/state.jsonl");
+    let aside = std::path::Path::new("/var/lib/rampart/state.jsonl.before-test");
+    let had_saved = std::fs::rename(saved, aside).is_ok();
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let saved = std::path::Path::new("/var/lib/rampart/state.jsonl");
+            let _ = std::fs::remove_file(saved);
+            if self.0 {
+                let _ = std::fs::rename("/var/lib/rampart/state.jsonl.before-test", saved);
+            }
+        }
+    }
+    let _restore = Restore(had_saved);
     let log = rampart_tests::TempDir::new("quickstart");
     let mut child = Command::new(rampart_tests::rampart_bin())
         .arg("start")

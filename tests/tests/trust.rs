@@ -585,3 +585,58 @@ fn settings_nothing_enforces_are_refused_by_name() {
         assert!(err.contains("is not available in this version"), "{args:?}: {err}");
     }
 }
+
+/// Item 11: after start the supervisor keeps only the capabilities its profile lists and lives
+/// in landlock: it cannot write outside its directories even through a path the access policy
+/// accepts (a symbolic link inside the state directory).
+#[test]
+fn the_supervisor_gives_up_what_it_no_longer_needs() {
+    if !rampart_tests::require_root("the_supervisor_gives_up_what_it_no_longer_needs") {
+        return;
+    }
+    let r = Rampart::start("trust-narrow", &config_head(Path::new("{dir}"), 1));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", r.child.id())).unwrap();
+    let field = |name: &str| {
+        let hex = status.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim();
+        u64::from_str_radix(hex, 16).unwrap()
+    };
+    // CAP_KILL 5, CAP_SETGID 6, CAP_SETUID 7, CAP_SETPCAP 8, CAP_NET_BIND_SERVICE 10,
+    // CAP_IPC_LOCK 14, CAP_SYS_PTRACE 19.
+    let kept: u64 = [5u32, 6, 7, 8, 10, 14, 19].iter().map(|b| 1u64 << b).sum();
+    assert_eq!(field("CapEff:"), kept, "{status}");
+    assert_eq!(field("CapPrm:"), kept, "{status}");
+    assert_eq!(field("CapBnd:") & !kept, 0, "{status}");
+    assert_eq!(field("CapInh:"), 0);
+    assert_eq!(field("CapAmb:"), 0);
+    let v: Value = serde_json::from_str(&r.ctl(&["status", "--json"])).unwrap();
+    assert_eq!(
+        v["content"]["status_report"]["supervisor"]["landlock_status"], "fully_enforced",
+        "{v}"
+    );
+    // The workers it starts still get their jail, under its narrowed bounding set.
+    assert!(workers_json(&r).iter().all(|w| w["run_state"] == "running"));
+
+    // The access policy accepts `escape.jsonl` (a name inside the state directory); landlock
+    // refuses the write where the link leads.
+    let outside = TempDir::new("trust-narrow-outside");
+    std::os::unix::fs::symlink(outside.path(), r.dir.path().join("state/escape")).unwrap();
+    let err = r
+        .try_ctl(&["state", "save", "escape/saved.jsonl"])
+        .expect_err("the supervisor wrote outside its directories");
+    assert!(err.contains("landlock rules let it write only beneath"), "{err}");
+    assert!(
+        std::fs::read_dir(outside.path()).unwrap().next().is_none(),
+        "a file was written"
+    );
+    // Inside, it writes.
+    r.ctl(&["state", "save", "inside.jsonl"]);
+
+    let shown = Command::new(rampart_bin())
+        .args(["policy", "show", "--supervisor", "-c"])
+        .arg(&r.config)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("CAP_SYS_PTRACE") && shown.contains("/state"), "{shown}");
+    assert!(!shown.contains("CAP_DAC_OVERRIDE"), "{shown}");
+}

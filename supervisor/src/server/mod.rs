@@ -81,6 +81,8 @@ pub enum StartError {
     Audit(String),
     #[error("cannot create {}: {source}", path.display())]
     Directory { path: PathBuf, source: io::Error },
+    #[error("the supervisor cannot narrow its own privileges: {0}")]
+    Narrow(rampart_sandbox::JailError),
     #[error("the saved state {} cannot be loaded: {reason}; move it away to start from the configuration file", path.display())]
     SavedState { path: PathBuf, reason: String },
     #[error("cannot make a TLS session ticket key: the kernel's random source failed: {0}")]
@@ -199,6 +201,10 @@ pub struct Supervisor {
     retiring: Vec<Retiring>,
     /// Where every acknowledged change is saved, when configured.
     saved_state: Option<PathBuf>,
+    /// What the supervisor's own narrowing holds (see `start::narrow`).
+    supervisor_jail: proto::JailReport,
+    /// Where its landlock rules let it write, for error messages.
+    landlock_paths: Vec<String>,
 }
 
 /// How long a session ticket key is used before a new one replaces it.

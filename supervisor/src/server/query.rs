@@ -28,6 +28,7 @@ impl Supervisor {
                     frontends: state.frontend_count() as u64,
                     backends: state.backend_count() as u64,
                     listeners: state.listeners().len() as u64,
+                    supervisor: Some(self.supervisor_jail.clone()),
                 })),
             )),
             Some(Kind::ListWorkers(_)) => Ok((
@@ -180,7 +181,17 @@ impl Supervisor {
         write_private_file(&tmp, &out)
             .and_then(|()| std::fs::rename(&tmp, path))
             .and_then(|()| sync_parent(path))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::PermissionDenied {
+                    format!(
+                        "{}: {e}: the supervisor's landlock rules let it write only beneath {} (see `rampart policy show --supervisor`)",
+                        path.display(),
+                        self.landlock_paths.join(", ")
+                    )
+                } else {
+                    format!("{}: {e}", path.display())
+                }
+            })?;
         Ok(requests.len())
     }
 

@@ -153,6 +153,8 @@ impl Supervisor {
             keyring_keys: BTreeSet::new(),
             state_hash: String::new(),
             retiring: Vec::new(),
+            supervisor_jail: proto::JailReport::default(),
+            landlock_paths: Vec::new(),
             saved_state,
         };
         supervisor.state_hash = supervisor.state.hash_hex();
@@ -178,10 +180,55 @@ impl Supervisor {
                 supervisor.state_hash
             ),
         );
+        supervisor.narrow()?;
         for id in 0..slots {
             supervisor.spawn(id);
         }
         Ok(supervisor)
+    }
+
+    /// The last step of start-up: keep only the capabilities and paths the supervisor still
+    /// uses (`rampart policy show --supervisor`). Workers started from now on inherit the
+    /// narrowed bounding set and landlock domain, then enter their own jail.
+    fn narrow(&mut self) -> Result<(), StartError> {
+        let binary = std::fs::read_link("/proc/self/exe").map_err(StartError::SelfExe)?;
+        // Loaded now, while every library can still be read: the user database's modules.
+        let _ = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(0));
+        let profile = rampart_policy::supervisor::SupervisorProfile::from_config(&self.config, &binary);
+        let report = rampart_sandbox::supervisor::narrow(&profile).map_err(StartError::Narrow)?;
+        let text = format!(
+            "supervisor narrowed: capabilities {:#x} (bounding {:#x}), landlock {}{}",
+            report.cap_effective,
+            report.cap_bounding,
+            report.landlock_status.as_str(),
+            if report.skipped.is_empty() {
+                String::new()
+            } else {
+                format!(" (absent here: {})", report.skipped.join(", "))
+            }
+        );
+        self.log.info(&text);
+        self.audit.system("supervisor_narrowed", &text);
+        self.supervisor_jail = proto::JailReport {
+            uid: nix::unistd::Uid::effective().as_raw(),
+            gid: nix::unistd::Gid::effective().as_raw(),
+            privileged_start: nix::unistd::Uid::effective().is_root(),
+            cap_effective: report.cap_effective,
+            cap_permitted: report.cap_permitted,
+            cap_bounding: report.cap_bounding,
+            landlock_abi: rampart_sandbox::landlock_abi(),
+            landlock_status: report.landlock_status.as_str().into(),
+            seccomp_mode: "none".into(),
+            notes: report.skipped,
+            ..Default::default()
+        };
+        self.landlock_paths = profile
+            .paths
+            .iter()
+            .filter(|p| p.access == rampart_policy::supervisor::PathAccess::Write)
+            .map(|p| p.path.display().to_string())
+            .collect();
+        Ok(())
     }
 }
 
