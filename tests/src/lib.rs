@@ -499,3 +499,38 @@ impl EchoBackend {
         EchoBackend { port }
     }
 }
+
+/// A backend address whose connections never complete: a listening socket with a queue of one,
+/// filled, so the kernel drops every further SYN and a connect attempt hangs until its timeout
+/// (a backend that has stopped answering, without the instant refusal of a closed port).
+pub struct SilentBackend {
+    pub port: u16,
+    _listener: std::os::fd::OwnedFd,
+    _queued: Vec<std::net::TcpStream>,
+}
+
+impl SilentBackend {
+    pub fn start() -> SilentBackend {
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, getsockname, listen, socket,
+        };
+        use std::os::fd::AsRawFd;
+        let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
+        listen(&fd, Backlog::new(0).unwrap()).unwrap();
+        let port = getsockname::<SockaddrIn>(fd.as_raw_fd()).unwrap().port();
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        // Fill the accept queue (never accepted): the first connect that does not complete
+        // shows that SYNs are now dropped.
+        let mut queued = Vec::new();
+        while let Ok(s) = std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_millis(300)) {
+            queued.push(s);
+            assert!(queued.len() < 16, "the accept queue of {port} does not fill up");
+        }
+        SilentBackend {
+            port,
+            _listener: fd,
+            _queued: queued,
+        }
+    }
+}

@@ -783,3 +783,66 @@ fn state_save_dump_and_load_round_trip() {
     let hash = |t: &str| json(t)["hash"].as_str().unwrap().to_string();
     assert_eq!(hash(&before), hash(&after));
 }
+
+/// A connect in progress across a runtime change ejects the backend it was connecting to. The
+/// cluster's only backend never answers a SYN; while a request waits on it, a backend whose id
+/// sorts first is added (every backend moves one place down the list). When the connect times
+/// out, the silent backend is ejected and the request is retried on the new one; had the
+/// worker remembered the position instead of the id, it would eject the new backend and retry
+/// the silent one.
+#[test]
+fn a_connect_in_progress_across_a_change_ejects_the_backend_it_was_connecting_to() {
+    let silent = rampart_tests::SilentBackend::start();
+    let echo = EchoBackend::start();
+    let port = free_port();
+    let config = format!(
+        r#"{head}
+[sandbox]
+backend_ports = [{e}]
+
+[[listeners]]
+address = "127.0.0.1:{port}"
+timeouts = {{ backend_connect = 2 }}
+
+[clusters.shift]
+backends = [ {{ id = "m-silent", address = "127.0.0.1:{s}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "shift.test" }} ]
+"#,
+        head = config_head(std::path::Path::new("{dir}"), 1),
+        e = echo.port,
+        s = silent.port,
+    );
+    let r = Rampart::start("connect-across-change", &config);
+    let request = b"GET /first HTTP/1.1\r\nHost: shift.test\r\nConnection: close\r\n\r\n";
+    let started = Instant::now();
+    let first = std::thread::spawn(move || raw_exchange(port, request, Duration::from_secs(15)));
+    std::thread::sleep(Duration::from_millis(500));
+    r.ctl(&[
+        "backend",
+        "add",
+        "--cluster",
+        "shift",
+        "--id",
+        "a-echo",
+        "--address",
+        &format!("127.0.0.1:{}", echo.port),
+    ]);
+    let reply = first.join().unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "the request was not retried on the new backend after {:?}:\n{reply}",
+        started.elapsed()
+    );
+    assert!(reply.contains(&format!("\"port\":{}", echo.port)), "{reply}");
+    assert!(
+        started.elapsed() < Duration::from_millis(3500),
+        "one connect timeout (2 s), then the new backend: {:?}",
+        started.elapsed()
+    );
+    // The silent backend is out of rotation; the new one serves.
+    for _ in 0..3 {
+        let reply = raw_exchange(port, request, Duration::from_secs(10));
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains(&format!("\"port\":{}", echo.port)), "{reply}");
+    }
+}

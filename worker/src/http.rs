@@ -48,7 +48,6 @@ struct Backend {
     stream: TcpStream,
     cluster: String,
     backend_id: String,
-    index: usize,
     connected: bool,
     readable: bool,
     writable: bool,
@@ -407,7 +406,9 @@ pub struct HttpSession {
     response_code: u16,
     set_cookie: Option<String>,
     cluster: Option<String>,
-    tried: Vec<usize>,
+    /// Ids of the backends this request tried (ids, not positions: a runtime change in between
+    /// reorders the cluster's list).
+    tried: Vec<String>,
     connect_timed_out: bool,
     answer: Vec<u8>,
     answer_written: usize,
@@ -705,7 +706,7 @@ impl HttpSession {
             return Step::Progress;
         };
         let sticky_enabled = cluster.sticky;
-        let Some(index) = cluster.pick(
+        let Some(slot) = cluster.pick(
             ctx.rng,
             ctx.now,
             if sticky_enabled { sticky.as_deref() } else { None },
@@ -722,12 +723,8 @@ impl HttpSession {
             self.start_answer(ctx, code, close, None);
             return Step::Progress;
         };
-        self.tried.push(index);
-        let Some(slot) = cluster.backends.get(index) else {
-            self.start_answer(ctx, 503, true, None);
-            return Step::Progress;
-        };
         let (address, backend_id) = (slot.address, slot.id.clone());
+        self.tried.push(backend_id.clone());
         if sticky_enabled && sticky.as_deref() != Some(backend_id.as_bytes()) {
             self.set_cookie = Some(format!("RAMPARTID={backend_id}; Path=/; HttpOnly"));
         }
@@ -738,7 +735,7 @@ impl HttpSession {
                     .register(&mut stream, self.back_token, Interest::READABLE | Interest::WRITABLE)
                     .is_err()
                 {
-                    cluster.failed(index, ctx.now);
+                    cluster.failed(&backend_id, ctx.now);
                     return Step::Progress;
                 }
                 let _ = stream.set_nodelay(true);
@@ -747,7 +744,6 @@ impl HttpSession {
                     stream,
                     cluster: cluster_id,
                     backend_id,
-                    index,
                     connected: false,
                     readable: false,
                     writable: false,
@@ -763,7 +759,7 @@ impl HttpSession {
                 Step::Progress
             }
             Err(_) => {
-                cluster.failed(index, ctx.now);
+                cluster.failed(&backend_id, ctx.now);
                 if self.tried.len() >= MAX_CONNECT_ATTEMPTS {
                     let close = !self.req.is_terminated();
                     self.start_answer(ctx, 502, close, None);
@@ -775,11 +771,10 @@ impl HttpSession {
     }
 
     fn connect_failed(&mut self, ctx: &mut Context<'_>) -> Step {
-        if let Some(b) = &self.back {
-            let (cluster, index) = (b.cluster.clone(), b.index);
-            if let Some(c) = ctx.balancers.clusters.get_mut(&cluster) {
-                c.failed(index, ctx.now);
-            }
+        if let Some(b) = &self.back
+            && let Some(c) = ctx.balancers.clusters.get_mut(&b.cluster)
+        {
+            c.failed(&b.backend_id, ctx.now);
         }
         self.drop_backend(ctx);
         if self.tried.len() >= MAX_CONNECT_ATTEMPTS {
@@ -805,9 +800,8 @@ impl HttpSession {
         match b.stream.peer_addr() {
             Ok(_) => {
                 b.connected = true;
-                let (cluster, index) = (b.cluster.clone(), b.index);
-                if let Some(c) = ctx.balancers.clusters.get_mut(&cluster) {
-                    c.succeeded(index);
+                if let Some(c) = ctx.balancers.clusters.get_mut(&b.cluster) {
+                    c.succeeded(&b.backend_id);
                 }
                 self.phase = Phase::Forward;
                 self.deadline = ctx.now
