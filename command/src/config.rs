@@ -336,6 +336,10 @@ pub struct FrontendConfig {
     pub certificate_chain: Option<PathBuf>,
     #[serde(default)]
     pub key: Option<PathBuf>,
+    /// The server names the certificate serves; absent: the names in the certificate (its
+    /// subjectAltName DNS names, or its common name when it has none).
+    #[serde(default)]
+    pub certificate_names: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -546,6 +550,7 @@ impl Config {
             ));
         };
         let mut protocols = BTreeMap::new();
+        let mut certificates: Vec<(String, Option<String>, Vec<String>)> = Vec::new();
         for (i, listener) in self.listeners.iter().enumerate() {
             let span = listener.span();
             let l = listener.get_ref();
@@ -642,7 +647,7 @@ impl Config {
                         };
                         let frontend = proto::HttpFrontend {
                             address: f.address.clone(),
-                            hostname: hostname.clone(),
+                            hostname,
                             path: Some(proto::PathRule {
                                 kind: path_kind as i32,
                                 value: f.path.clone().unwrap_or_default(),
@@ -668,21 +673,39 @@ impl Config {
                                         ));
                                     }
                                 };
-                                push(
-                                    Kind::AddCertificate(proto::Certificate {
-                                        address: f.address.clone(),
-                                        certificate,
-                                        chain,
-                                        key: key_pem,
-                                        names: vec![hostname],
-                                    }),
-                                    format!("{key}.certificate"),
-                                    fspan.clone(),
+                                let names = f.certificate_names.clone().unwrap_or_default();
+                                // One certificate for several frontends (a.example and
+                                // www.a.example under one subjectAltName) is added once.
+                                let id = (
+                                    f.address.clone(),
+                                    crate::state::certificate_fingerprint(&certificate).ok(),
+                                    names.clone(),
                                 );
+                                if id.1.is_none() || !certificates.contains(&id) {
+                                    certificates.push(id);
+                                    push(
+                                        Kind::AddCertificate(proto::Certificate {
+                                            address: f.address.clone(),
+                                            certificate,
+                                            chain,
+                                            key: key_pem,
+                                            names,
+                                        }),
+                                        format!("{key}.certificate"),
+                                        fspan.clone(),
+                                    );
+                                }
+                            }
+                            if f.certificate.is_none() && f.certificate_names.is_some() {
+                                return Err(self.value_error(
+                                    &format!("{key}.certificate_names"),
+                                    Some(fspan.clone()),
+                                    "certificate_names names what a certificate serves: add the frontend's `certificate` and `key`, or remove it".into(),
+                                ));
                             }
                             push(Kind::AddHttpsFrontend(frontend), key, fspan);
                         } else {
-                            if f.certificate.is_some() {
+                            if f.certificate.is_some() || f.certificate_names.is_some() {
                                 return Err(self.value_error(
                                     &format!("{key}.certificate"),
                                     Some(fspan.clone()),
@@ -960,5 +983,54 @@ frontends = [ { address = "127.0.0.1:8443", hostname = "a.com", certificate = "m
             matches!(&err, ConfigError::Certificate { line: 7, path, .. } if path.ends_with("missing.pem")),
             "{err}"
         );
+    }
+
+    /// A certificate in the file serves the names it holds unless `certificate_names` says
+    /// otherwise, and one certificate shared by several frontends is added once.
+    #[test]
+    fn file_certificates_are_named_by_themselves_and_shared() {
+        let dir = std::env::temp_dir().join(format!("rampart-config-certs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("san.pem"), include_str!("testdata/san.pem")).unwrap();
+        std::fs::write(dir.join("cn.pem"), include_str!("testdata/cn-only.pem")).unwrap();
+        std::fs::write(
+            dir.join("key.pem"),
+            "-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let text = r#"
+[[listeners]]
+address = "127.0.0.1:8443"
+protocol = "https"
+
+[clusters.shop]
+frontends = [
+  { address = "127.0.0.1:8443", hostname = "shop.example", certificate = "san.pem", key = "key.pem" },
+  { address = "127.0.0.1:8443", hostname = "www.shop.example", certificate = "san.pem", key = "key.pem" },
+  { address = "127.0.0.1:8443", hostname = "legacy.example", certificate = "cn.pem", key = "key.pem", certificate_names = ["old.example"] },
+]
+"#;
+        let state = Config::parse(text, &dir.join("rampart.toml"))
+            .unwrap()
+            .to_state()
+            .unwrap();
+        let mut names: Vec<Vec<String>> = state.certificates().map(|(_, c)| c.names.clone()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![
+                vec!["old.example".to_string()],
+                vec!["shop.example".into(), "*.shop.example".into()]
+            ]
+        );
+        let err = Config::parse(
+            &text.replace(", certificate = \"cn.pem\", key = \"key.pem\"", ""),
+            &dir.join("rampart.toml"),
+        )
+        .unwrap()
+        .to_state()
+        .unwrap_err();
+        assert!(err.to_string().contains("frontends[2].certificate_names"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -103,6 +103,10 @@ pub enum StateError {
     TcpListenerTaken { address: String, cluster_id: String },
     #[error("invalid certificate: {reason}")]
     InvalidCertificate { reason: String },
+    #[error(
+        "the certificate names no server rampart can serve ({found}): give its names (`--name` on the command line, `certificate_names` in the file, `names` in the protocol)"
+    )]
+    CertificateWithoutNames { found: String },
     #[error("listener {address} already has certificate {fingerprint}")]
     DuplicateCertificate { address: String, fingerprint: String },
     #[error("listener {address} has no certificate {fingerprint}")]
@@ -353,6 +357,108 @@ pub fn certificate_fingerprint(pem: &str) -> Result<String, StateError> {
         });
     }
     Ok(hex::encode(Sha256::digest(&der)))
+}
+
+/// The OID of a subject's commonName attribute (X.520, 2.5.4.3).
+const COMMON_NAME: x509_cert::der::asn1::ObjectIdentifier =
+    x509_cert::der::asn1::ObjectIdentifier::new_unwrap("2.5.4.3");
+
+/// The server names a certificate serves when it is added without names: the DNS names of its
+/// subjectAltName, or, only when it has no subjectAltName extension, its subject's common names
+/// (RFC 6125 §6.4.4). Names rampart cannot route (IP addresses, e-mail addresses, malformed
+/// DNS names) are left out; a certificate left with none is refused, saying what it holds.
+pub fn certificate_names(pem: &str) -> Result<Vec<String>, StateError> {
+    use x509_cert::der::Decode;
+    use x509_cert::ext::pkix::SubjectAltName;
+    use x509_cert::ext::pkix::name::GeneralName;
+    let der = pem_block(pem, "CERTIFICATE").ok_or_else(|| StateError::InvalidCertificate {
+        reason: "no PEM `CERTIFICATE` block with valid base64".into(),
+    })?;
+    let cert = x509_cert::Certificate::from_der(&der).map_err(|e| StateError::InvalidCertificate {
+        reason: format!("the certificate is not valid X.509 DER ({e}); check that the file holds the leaf certificate"),
+    })?;
+    let tbs = &cert.tbs_certificate;
+    let san = tbs
+        .get::<SubjectAltName>()
+        .map_err(|e| StateError::InvalidCertificate {
+            reason: format!("its subjectAltName extension does not parse: {e}"),
+        })?;
+    let mut names: Vec<String> = Vec::new();
+    let mut unusable: Vec<String> = Vec::new();
+    fn keep(raw: &str, names: &mut Vec<String>, unusable: &mut Vec<String>) {
+        match canonical_hostname(raw) {
+            Ok(name) if !names.contains(&name) => names.push(name),
+            Ok(_) => {}
+            Err(_) => unusable.push(format!("`{raw}`")),
+        }
+    }
+    let source = if let Some((_, SubjectAltName(general))) = san {
+        for g in &general {
+            match g {
+                GeneralName::DnsName(dns) => keep(dns.as_str(), &mut names, &mut unusable),
+                GeneralName::IpAddress(_) => unusable.push("an IP address".into()),
+                GeneralName::Rfc822Name(_) => unusable.push("an e-mail address".into()),
+                _ => unusable.push("a name of another kind".into()),
+            }
+        }
+        "subjectAltName"
+    } else {
+        for atv in tbs.subject.0.iter().flat_map(|rdn| rdn.0.iter()) {
+            if atv.oid != COMMON_NAME {
+                continue;
+            }
+            let text = atv
+                .value
+                .decode_as::<String>()
+                .ok()
+                .or_else(|| {
+                    atv.value
+                        .decode_as::<x509_cert::der::asn1::PrintableStringRef<'_>>()
+                        .ok()
+                        .map(|p| p.as_str().to_string())
+                })
+                .or_else(|| {
+                    atv.value
+                        .decode_as::<x509_cert::der::asn1::Ia5StringRef<'_>>()
+                        .ok()
+                        .map(|p| p.as_str().to_string())
+                });
+            match text {
+                Some(t) => keep(&t, &mut names, &mut unusable),
+                None => unusable.push("a common name in an unsupported string type".into()),
+            }
+        }
+        "subject common name (it has no subjectAltName)"
+    };
+    if names.is_empty() {
+        let found = if unusable.is_empty() {
+            format!("its {source} holds no name")
+        } else {
+            format!("its {source} holds only {}", unusable.join(", "))
+        };
+        return Err(StateError::CertificateWithoutNames { found });
+    }
+    Ok(names)
+}
+
+/// Whether a certificate or frontend name covers a server name: the same name, or a `*.`
+/// wildcard and a name under it (`*.example.com` covers `a.example.com` and `a.b.example.com`,
+/// as the router and the SNI selection read wildcards). Both sides compare without case and
+/// without a trailing dot.
+pub fn name_covers(pattern: &str, name: &str) -> bool {
+    let name = name.trim_end_matches('.');
+    if pattern.eq_ignore_ascii_case(name) {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) if suffix.starts_with('.') => {
+            name.len() > suffix.len() && {
+                let split = name.len() - suffix.len();
+                name.get(split..).is_some_and(|tail| tail.eq_ignore_ascii_case(suffix))
+            }
+        }
+        _ => false,
+    }
 }
 
 /// Two certificate entries are the same whether or not either holds its private key: a
@@ -1025,7 +1131,13 @@ impl State {
         }
         let mut c = c.clone();
         c.address = address.clone();
-        c.names = c.names.iter().filter_map(|n| canonical_hostname(n).ok()).collect();
+        // Named here, from the certificate itself when the request names nothing, so that the
+        // supervisor, every worker, every dump, diff and hash hold the same names.
+        c.names = if c.names.is_empty() {
+            certificate_names(&c.certificate)?
+        } else {
+            c.names.iter().filter_map(|n| canonical_hostname(n).ok()).collect()
+        };
         self.certificates.insert(key, c);
         self.reference(&address, None, 1);
         Ok(Change::Added(format!("certificate {fingerprint} on {address}")))

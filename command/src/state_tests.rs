@@ -887,3 +887,81 @@ fn hash_matches_the_encoded_requests() {
     let reference: [u8; 32] = reference.finalize().into();
     assert_eq!(s.hash(), reference);
 }
+
+const SAN_PEM: &str = include_str!("testdata/san.pem");
+const CN_ONLY_PEM: &str = include_str!("testdata/cn-only.pem");
+const IP_ONLY_PEM: &str = include_str!("testdata/ip-only.pem");
+
+fn keyless_certificate(pem: &str, names: &[&str]) -> proto::Certificate {
+    proto::Certificate {
+        address: "127.0.0.1:443".into(),
+        certificate: pem.into(),
+        chain: vec![],
+        key: String::new(),
+        names: names.iter().map(|n| n.to_string()).collect(),
+    }
+}
+
+/// A certificate added without names serves the DNS names of its subjectAltName (lower-cased,
+/// each once, IP addresses left out), or its subject's common name when it has no
+/// subjectAltName; the names are in the state itself, so its dump and hash carry them.
+#[test]
+fn a_certificate_without_names_is_named_by_itself() {
+    assert_eq!(
+        certificate_names(SAN_PEM).unwrap(),
+        vec!["shop.example", "*.shop.example"],
+        "the common name is ignored when there is a subjectAltName"
+    );
+    assert_eq!(certificate_names(CN_ONLY_PEM).unwrap(), vec!["legacy.example"]);
+    let err = certificate_names(IP_ONLY_PEM).unwrap_err();
+    assert!(matches!(err, StateError::CertificateWithoutNames { .. }), "{err}");
+    assert!(err.to_string().contains("only an IP address"), "{err}");
+    assert!(err.to_string().contains("--name"), "{err}");
+
+    let mut state = base();
+    state.keys_elsewhere = true;
+    state
+        .apply(&req(Kind::AddCertificate(keyless_certificate(SAN_PEM, &[]))))
+        .unwrap();
+    let (_, stored) = state.certificates().next().unwrap();
+    assert_eq!(stored.names, vec!["shop.example", "*.shop.example"]);
+    // Given names win over the certificate's.
+    state
+        .apply(&req(Kind::AddCertificate(keyless_certificate(
+            CN_ONLY_PEM,
+            &["Other.Example"],
+        ))))
+        .unwrap();
+    let names: Vec<Vec<String>> = state.certificates().map(|(_, c)| c.names.clone()).collect();
+    assert!(names.contains(&vec!["other.example".to_string()]), "{names:?}");
+    // The same request applied elsewhere (a worker) names it the same: same hash.
+    let mut other = base();
+    other.keys_elsewhere = true;
+    for (_, c) in state.certificates() {
+        let names = if c.certificate == SAN_PEM {
+            Vec::new()
+        } else {
+            c.names.clone()
+        };
+        let request = proto::Certificate { names, ..c.clone() };
+        other.apply(&req(Kind::AddCertificate(request))).unwrap();
+    }
+    assert_eq!(other.hash(), state.hash());
+    let err = refused(&state, Kind::AddCertificate(keyless_certificate(IP_ONLY_PEM, &[])));
+    assert!(matches!(err, StateError::CertificateWithoutNames { .. }), "{err}");
+    let garbage = pem("CERTIFICATE", &[0x30, 0x03, 1, 2, 3]);
+    let err = refused(&state, Kind::AddCertificate(keyless_certificate(&garbage, &[])));
+    assert!(err.to_string().contains("not valid X.509"), "{err}");
+}
+
+#[test]
+fn wildcards_cover_the_names_under_them() {
+    assert!(name_covers("a.example", "A.Example."));
+    assert!(name_covers("*.example", "a.example"));
+    assert!(name_covers("*.example", "a.b.example"));
+    assert!(!name_covers("*.example", "example"));
+    assert!(!name_covers("*.example", ".example"));
+    assert!(!name_covers("*.example", "aexample"));
+    assert!(!name_covers("a.example", "b.example"));
+    assert!(name_covers("*.example", "*.example"));
+}

@@ -899,3 +899,106 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
     .replace(':', "");
     assert!(!new_fp.contains(&old), "the old certificate is still served");
 }
+
+/// A self-signed P-256 certificate with the subject `subj` and, when given, the extension
+/// `subjectAltName=<san>`.
+fn certificate_subject(dir: &Path, stem: &str, subj: &str, san: Option<&str>) {
+    let mut command = Command::new("openssl");
+    command
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .arg("-keyout")
+        .arg(dir.join(format!("{stem}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{stem}.crt")))
+        .args(["-subj", subj]);
+    if let Some(san) = san {
+        command.args(["-addext", &format!("subjectAltName={san}")]);
+    }
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Certificates added without names serve the DNS names of their subjectAltName, or their
+/// common name when they have none; one with no usable name is refused, saying what to do;
+/// `certificate list --name` finds the certificate that serves a name, wildcards included.
+#[test]
+fn certificates_without_names_serve_the_names_they_hold() {
+    if !require_tool("certificate names", "openssl") {
+        return;
+    }
+    let certs = TempDir::new("https-names");
+    let d = certs.path();
+    certificate_subject(d, "b", "/CN=b.test", Some("DNS:b.test,DNS:www.b.test"));
+    certificate_subject(d, "wild", "/CN=ignored.test", Some("DNS:*.wild.test"));
+    certificate_subject(d, "legacy", "/CN=legacy.test", None);
+    certificate_subject(d, "ip", "/CN=ip.test", Some("IP:192.0.2.1"));
+    let port = free_port();
+    let config = format!(
+        "{head}key_isolation = false\n\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\nprotocol = \"https\"\n",
+        head = config_head(Path::new("{dir}"), 1),
+    );
+    let r = Rampart::start("https-names", &config);
+    let address = format!("127.0.0.1:{port}");
+    let file = |stem: &str, ext: &str| d.join(format!("{stem}.{ext}")).display().to_string();
+    let add = |stem: &str| {
+        r.try_ctl(&[
+            "certificate",
+            "add",
+            "--address",
+            &address,
+            "--certificate",
+            &file(stem, "crt"),
+            "--key",
+            &file(stem, "key"),
+        ])
+    };
+    for stem in ["b", "wild", "legacy"] {
+        add(stem).unwrap();
+    }
+    let refused = add("ip").unwrap_err();
+    assert!(
+        refused.contains("names no server") && refused.contains("IP address") && refused.contains("--name"),
+        "{refused}"
+    );
+    for (sni, cn) in [
+        ("b.test", "CN = b.test"),
+        ("www.b.test", "CN = b.test"),
+        ("x.wild.test", "CN = ignored.test"),
+        ("legacy.test", "CN = legacy.test"),
+    ] {
+        let served = served_cn(port, Some(sni));
+        assert!(served.contains(cn), "SNI {sni}: {served}");
+    }
+    let listed = |name: &str| -> Vec<serde_json::Value> {
+        let list: serde_json::Value =
+            serde_json::from_str(&r.ctl(&["certificate", "list", "--name", name, "--json"])).unwrap();
+        list["content"]["certificates"]["certificates"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let all: serde_json::Value = serde_json::from_str(&r.ctl(&["certificate", "list", "--json"])).unwrap();
+    assert_eq!(
+        all["content"]["certificates"]["certificates"].as_array().unwrap().len(),
+        3
+    );
+    let www = listed("www.b.test");
+    assert_eq!(www.len(), 1, "{www:?}");
+    assert_eq!(www[0]["names"], serde_json::json!(["b.test", "www.b.test"]));
+    let wild = listed("deep.x.wild.test");
+    assert_eq!(wild.len(), 1, "{wild:?}");
+    assert_eq!(wild[0]["names"], serde_json::json!(["*.wild.test"]));
+    assert!(listed("nothing.test").is_empty());
+    let table = r.ctl(&["certificate", "list", "--name", "legacy.test"]);
+    assert!(table.contains("legacy.test") && !table.contains("b.test"), "{table}");
+}
