@@ -379,6 +379,7 @@ pub fn raw_exchange(port: u16, bytes: &[u8], timeout: std::time::Duration) -> St
 /// when the path is `/sleep/<ms>`.
 pub struct EchoBackend {
     pub port: u16,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Method, path, headers and body length of one request.
@@ -449,13 +450,17 @@ impl EchoBackend {
     pub fn start_on(port: u16) -> EchoBackend {
         let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
         let port = listener.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&requests);
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
+                let counter = std::sync::Arc::clone(&counter);
                 std::thread::spawn(move || {
                     use std::io::Write;
                     let mut writer = stream.try_clone().unwrap();
                     let mut reader = std::io::BufReader::new(stream);
                     while let Some((method, path, headers, body)) = read_request(&mut reader) {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         if path == "/upgrade" {
                             // Switch protocols, then echo bytes back upper-cased until the client closes.
                             use std::io::Read;
@@ -496,7 +501,12 @@ impl EchoBackend {
                 });
             }
         });
-        EchoBackend { port }
+        EchoBackend { port, requests }
+    }
+
+    /// How many requests it has received.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 

@@ -846,3 +846,69 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "shift.test" }} ]
         assert!(reply.contains(&format!("\"port\":{}", echo.port)), "{reply}");
     }
 }
+
+/// RFC 9112 §3.2: a request with more than one Host line, or an HTTP/1.1 request without Host,
+/// is answered 400 and never routed. An HTTP/1.0 request without Host is routed by its
+/// absolute-form authority, else gets 404; an absolute-form target wins over the Host header,
+/// whose value the backend sees replaced by the target's authority.
+#[test]
+fn host_header_rules() {
+    let echo = EchoBackend::start();
+    let port = free_port();
+    let config = format!(
+        r#"{head}
+[[listeners]]
+address = "127.0.0.1:{port}"
+
+[clusters.echo]
+backends = [ {{ address = "127.0.0.1:{e}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "echo.test" }} ]
+"#,
+        head = config_head(std::path::Path::new("{dir}"), 1),
+        e = echo.port,
+    );
+    let _r = Rampart::start("host-rules", &config);
+    let t = Duration::from_secs(5);
+    let status = |reply: &str| reply.lines().next().unwrap_or_default().to_string();
+    for (what, request) in [
+        (
+            "two Host lines",
+            &b"GET / HTTP/1.1\r\nHost: echo.test\r\nHost: other.test\r\nConnection: close\r\n\r\n"[..],
+        ),
+        (
+            "the same Host twice",
+            b"GET / HTTP/1.1\r\nHost: echo.test\r\nhost: echo.test\r\nConnection: close\r\n\r\n",
+        ),
+        ("HTTP/1.1 without Host", b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        (
+            "HTTP/1.1 absolute form without Host",
+            b"GET http://echo.test/ HTTP/1.1\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "HTTP/1.0 with two Host lines",
+            b"GET / HTTP/1.0\r\nHost: echo.test\r\nHost: echo.test\r\n\r\n",
+        ),
+    ] {
+        let reply = raw_exchange(port, request, t);
+        assert_eq!(status(&reply), "HTTP/1.1 400 Bad Request", "{what}: {reply}");
+    }
+    assert_eq!(echo.requests(), 0, "a refused request reached the backend");
+
+    let reply = raw_exchange(port, b"GET / HTTP/1.0\r\n\r\n", t);
+    assert_eq!(
+        status(&reply),
+        "HTTP/1.1 404 Not Found",
+        "HTTP/1.0 without Host: {reply}"
+    );
+    let reply = raw_exchange(port, b"GET http://echo.test/ten HTTP/1.0\r\n\r\n", t);
+    assert_eq!(status(&reply), "HTTP/1.1 200 OK", "HTTP/1.0, absolute form: {reply}");
+    let reply = raw_exchange(
+        port,
+        b"GET http://echo.test/abs HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
+        t,
+    );
+    assert_eq!(status(&reply), "HTTP/1.1 200 OK", "{reply}");
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert_eq!(json(body)["headers"]["host"], "echo.test", "{reply}");
+    assert_eq!(echo.requests(), 2);
+}

@@ -249,13 +249,18 @@ fn header(key: &'static [u8], val: Store) -> Block {
     })
 }
 
-/// Outcome of checking a request's raw header section.
+/// Outcome of checking a request's raw header section. Besides framing (smuggling shapes,
+/// obs-fold, control characters), the Host rules of RFC 9112 §3.2: more than one Host line, or
+/// an HTTP/1.1 request with none, is a 400. (kawa moves the first Host value into the
+/// authority and blanks the header's name, so the raw bytes are where the lines are counted.)
 fn check_header_section(raw: &[u8]) -> Result<(), u16> {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or(400u16)?;
     // Every line, the last one included, ends with CRLF.
     let section = raw.get(..end + 2).ok_or(400u16)?;
     let mut lines = section.split(|b| *b == b'\n').filter(|l| !l.is_empty());
-    let _request_line = lines.next();
+    let request_line = lines.next().unwrap_or_default();
+    let http10 = request_line.trim_ascii_end().ends_with(b" HTTP/1.0");
+    let mut hosts = 0usize;
     let mut content_lengths: Vec<&[u8]> = Vec::new();
     let mut transfer_encoding = false;
     for line in lines {
@@ -276,7 +281,12 @@ fn check_header_section(raw: &[u8]) -> Result<(), u16> {
             content_lengths.push(value);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             transfer_encoding = true;
+        } else if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
         }
+    }
+    if hosts > 1 || (hosts == 0 && !http10) {
+        return Err(400);
     }
     if transfer_encoding && !content_lengths.is_empty() {
         return Err(400);
@@ -1240,5 +1250,23 @@ mod tests {
         assert_eq!(check_header_section(space_name), Err(400));
         let bare_lf = b"GET / HTTP/1.1\nHost: a\n\n";
         assert_eq!(check_header_section(bare_lf), Err(400));
+    }
+
+    #[test]
+    fn host_lines_follow_rfc_9112() {
+        let two = b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n";
+        assert_eq!(check_header_section(two), Err(400));
+        let same_twice = b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n";
+        assert_eq!(check_header_section(same_twice), Err(400));
+        let none = b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n";
+        assert_eq!(check_header_section(none), Err(400));
+        let absolute_without_host = b"GET http://a/ HTTP/1.1\r\n\r\n";
+        assert_eq!(check_header_section(absolute_without_host), Err(400));
+        let http10 = b"GET / HTTP/1.0\r\n\r\n";
+        assert_eq!(check_header_section(http10), Ok(()));
+        let http10_two = b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n";
+        assert_eq!(check_header_section(http10_two), Err(400));
+        let one = b"GET / HTTP/1.1\r\nX-Host: b\r\nHost: a\r\n\r\n";
+        assert_eq!(check_header_section(one), Ok(()));
     }
 }
