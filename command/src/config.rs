@@ -47,6 +47,9 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT: u32 = 10;
     pub const BACKEND_CONNECT_TIMEOUT: u32 = 3;
     pub const BACKEND_RESPONSE_TIMEOUT: u32 = 30;
+    /// A client has this long to complete its TLS handshake (a slow HTTP/1.1 head gets
+    /// REQUEST_TIMEOUT; a handshake should not get the whole CLIENT_IDLE_TIMEOUT).
+    pub const TLS_HANDSHAKE_TIMEOUT: u32 = 10;
     /// How long a soft stop (or SIGTERM) lets in-flight requests finish.
     pub const SHUTDOWN_GRACE: u32 = 30;
     /// Weight of a backend when the file names none.
@@ -200,6 +203,8 @@ pub struct Timeouts {
     pub backend_connect: u32,
     pub backend_response: u32,
     pub shutdown_grace: u32,
+    /// A TLS handshake not complete after this many seconds ends the connection.
+    pub tls_handshake: u32,
 }
 
 impl Default for Timeouts {
@@ -210,6 +215,7 @@ impl Default for Timeouts {
             backend_connect: defaults::BACKEND_CONNECT_TIMEOUT,
             backend_response: defaults::BACKEND_RESPONSE_TIMEOUT,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
+            tls_handshake: defaults::TLS_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -283,6 +289,14 @@ pub struct ListenerConfig {
     pub groups: Vec<String>,
     #[serde(default)]
     pub timeouts: Option<ListenerTimeouts>,
+    /// HTTPS: the certificate (fingerprint, or a server name one of the listener's
+    /// certificates serves) for a handshake whose SNI names none of them.
+    #[serde(default)]
+    pub default_certificate: Option<String>,
+    /// HTTPS: refuse a handshake whose SNI names no certificate (or that has none) with the
+    /// alert unrecognized_name, instead of serving a default.
+    #[serde(default)]
+    pub strict_sni: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -292,6 +306,8 @@ pub struct ListenerTimeouts {
     pub request: u32,
     pub backend_connect: u32,
     pub backend_response: u32,
+    /// HTTPS: seconds for a TLS handshake to complete.
+    pub tls_handshake: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -433,6 +449,9 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 pub struct Origin {
     pub key: String,
     pub span: Range<usize>,
+    /// The request completes an item added earlier in the list (a listener's default
+    /// certificate, set once its certificates exist): it updates rather than adds.
+    pub completes: bool,
 }
 
 impl fmt::Display for Origin {
@@ -510,6 +529,13 @@ impl Config {
                 format!("{} is out of range: use 1024 to 1048576 bytes", self.buffer_size),
             ));
         }
+        if !(1..=3600).contains(&self.timeouts.tls_handshake) {
+            return Err(self.value_error(
+                "timeouts.tls_handshake",
+                None,
+                format!("{} is out of range: use 1 to 3600 seconds", self.timeouts.tls_handshake),
+            ));
+        }
         if self.worker_user.is_empty() || self.worker_group.is_empty() {
             return Err(self.value_error(
                 "worker_user",
@@ -546,9 +572,14 @@ impl Config {
                     id: String::new(),
                     kind: Some(kind),
                 },
-                Origin { key, span },
+                Origin {
+                    key,
+                    span,
+                    completes: false,
+                },
             ));
         };
+        let mut defaults = Vec::new();
         let mut protocols = BTreeMap::new();
         let mut certificates: Vec<(String, Option<String>, Vec<String>)> = Vec::new();
         for (i, listener) in self.listeners.iter().enumerate() {
@@ -561,22 +592,37 @@ impl Config {
                 ListenerProtocol::Https => proto::Protocol::Https,
                 ListenerProtocol::Tcp => proto::Protocol::Tcp,
             };
+            let listener = proto::Listener {
+                address: l.address.clone(),
+                protocol: protocol as i32,
+                public_address: l.public_address.clone().unwrap_or_default(),
+                expect_proxy_protocol: l.expect_proxy_protocol,
+                send_proxy_protocol: l.send_proxy_protocol,
+                client_idle_timeout_ms: t.client_idle.saturating_mul(1000),
+                request_timeout_ms: t.request.saturating_mul(1000),
+                backend_connect_timeout_ms: t.backend_connect.saturating_mul(1000),
+                backend_response_timeout_ms: t.backend_response.saturating_mul(1000),
+                answers: l.answers.clone(),
+                tls_min_version: l.tls_min_version.clone().unwrap_or_default(),
+                cipher_suites: l.cipher_suites.clone(),
+                groups: l.groups.clone(),
+                active: true,
+                default_certificate: l.default_certificate.clone().unwrap_or_default(),
+                strict_sni: l.strict_sni,
+                tls_handshake_timeout_ms: t.tls_handshake.saturating_mul(1000),
+            };
+            // Its default certificate is set once the certificates of the frontends exist.
+            if !listener.default_certificate.is_empty() {
+                defaults.push((
+                    listener.clone(),
+                    format!("listeners[{i}].default_certificate"),
+                    span.clone(),
+                ));
+            }
             push(
                 Kind::AddListener(proto::Listener {
-                    address: l.address.clone(),
-                    protocol: protocol as i32,
-                    public_address: l.public_address.clone().unwrap_or_default(),
-                    expect_proxy_protocol: l.expect_proxy_protocol,
-                    send_proxy_protocol: l.send_proxy_protocol,
-                    client_idle_timeout_ms: t.client_idle.saturating_mul(1000),
-                    request_timeout_ms: t.request.saturating_mul(1000),
-                    backend_connect_timeout_ms: t.backend_connect.saturating_mul(1000),
-                    backend_response_timeout_ms: t.backend_response.saturating_mul(1000),
-                    answers: l.answers.clone(),
-                    tls_min_version: l.tls_min_version.clone().unwrap_or_default(),
-                    cipher_suites: l.cipher_suites.clone(),
-                    groups: l.groups.clone(),
-                    active: true,
+                    default_certificate: String::new(),
+                    ..listener
                 }),
                 format!("listeners[{i}]"),
                 span,
@@ -736,6 +782,19 @@ impl Config {
                 );
             }
         }
+        for (listener, key, span) in defaults {
+            out.push((
+                proto::Request {
+                    id: String::new(),
+                    kind: Some(Kind::AddListener(listener)),
+                },
+                Origin {
+                    key,
+                    span,
+                    completes: true,
+                },
+            ));
+        }
         Ok(out)
     }
 
@@ -756,6 +815,7 @@ impl Config {
             // same thing declared twice is a mistake.
             match change {
                 crate::state::Change::Added(_) => {}
+                crate::state::Change::Updated(_) if origin.completes => {}
                 crate::state::Change::Updated(what) | crate::state::Change::Unchanged(what) => {
                     return Err(ConfigError::Duplicate {
                         file: self.source.clone(),
@@ -1031,6 +1091,43 @@ frontends = [
         .to_state()
         .unwrap_err();
         assert!(err.to_string().contains("frontends[2].certificate_names"), "{err}");
+
+        // The listener's TLS settings: its default certificate is set once the frontends'
+        // certificates exist.
+        let tls = text.replace(
+            "protocol = \"https\"",
+            "protocol = \"https\"\ndefault_certificate = \"www.shop.example\"\ntimeouts = { tls_handshake = 2 }",
+        );
+        let config = Config::parse(&tls, &dir.join("rampart.toml")).unwrap();
+        let state = config.to_state().unwrap();
+        let l = &state.listeners()["127.0.0.1:8443"];
+        assert_eq!(
+            (l.default_certificate.as_str(), l.tls_handshake_timeout_ms),
+            ("www.shop.example", 2000)
+        );
+        assert_eq!(config.timeouts.tls_handshake, defaults::TLS_HANDSHAKE_TIMEOUT);
+        let err = Config::parse(
+            &tls.replace("www.shop.example\"", "nowhere.example\""),
+            &dir.join("rampart.toml"),
+        )
+        .unwrap()
+        .to_state()
+        .unwrap_err();
+        assert!(err.to_string().contains("listeners[0].default_certificate"), "{err}");
+        let err = Config::parse(
+            &tls.replace("default_certificate", "strict_sni = true\ndefault_certificate"),
+            &dir.join("rampart.toml"),
+        )
+        .unwrap()
+        .to_state()
+        .unwrap_err();
+        assert!(err.to_string().contains("strict_sni"), "{err}");
+        let err = Config::parse(
+            &format!("[timeouts]\ntls_handshake = 0\n{text}"),
+            &dir.join("rampart.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("timeouts.tls_handshake"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

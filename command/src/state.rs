@@ -109,6 +109,18 @@ pub enum StateError {
     CertificateWithoutNames { found: String },
     #[error("listener {address} already has certificate {fingerprint}")]
     DuplicateCertificate { address: String, fingerprint: String },
+    #[error(
+        "listener {address} has no certificate that default_certificate `{reference}` names: add the certificate first, then make it the default"
+    )]
+    UnknownDefaultCertificate { address: String, reference: String },
+    #[error(
+        "certificate {fingerprint} is what default_certificate `{reference}` of listener {address} serves: set another default_certificate on the listener, or clear it, first"
+    )]
+    DefaultCertificateInUse {
+        address: String,
+        fingerprint: String,
+        reference: String,
+    },
     #[error("listener {address} has no certificate {fingerprint}")]
     UnknownCertificate { address: String, fingerprint: String },
     #[error("cluster `{cluster_id}` has no health check")]
@@ -487,9 +499,25 @@ fn check_certificate(cert: &proto::Certificate, keys_elsewhere: bool) -> Result<
     Ok(fingerprint)
 }
 
-const ANSWER_CODES: [&str; 11] = [
-    "301", "400", "404", "408", "413", "414", "431", "502", "503", "504", "401",
+const ANSWER_CODES: [&str; 12] = [
+    "301", "400", "404", "408", "413", "414", "421", "431", "502", "503", "504", "401",
 ];
+
+/// The longest per-listener TLS handshake timeout (an hour).
+pub const MAX_TLS_HANDSHAKE_TIMEOUT_MS: u32 = 3_600_000;
+
+/// A certificate fingerprint as the state writes it: 64 hex digits.
+fn is_fingerprint(value: &str) -> bool {
+    value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A listener without its default certificate: what is added before its certificates exist.
+fn without_default(l: &proto::Listener) -> proto::Listener {
+    proto::Listener {
+        default_certificate: String::new(),
+        ..l.clone()
+    }
+}
 
 fn check_listener(l: &proto::Listener) -> Result<(), StateError> {
     let protocol = proto::Protocol::try_from(l.protocol).map_err(|_| StateError::InvalidValue {
@@ -527,6 +555,51 @@ fn check_listener(l: &proto::Listener) -> Result<(), StateError> {
             field: "cipher_suites",
             value: l.cipher_suites.join(":"),
             reason: "only HTTPS listeners have cipher suites".into(),
+        });
+    }
+    let https = protocol == proto::Protocol::Https;
+    if !l.default_certificate.is_empty() {
+        if !https {
+            return Err(StateError::InvalidValue {
+                field: "default_certificate",
+                value: l.default_certificate.clone(),
+                reason: "only HTTPS listeners have certificates".into(),
+            });
+        }
+        if l.strict_sni {
+            return Err(StateError::InvalidValue {
+                field: "default_certificate",
+                value: l.default_certificate.clone(),
+                reason: "a strict_sni listener serves no default certificate: clear one of the two".into(),
+            });
+        }
+        if !is_fingerprint(&l.default_certificate) {
+            canonical_hostname(&l.default_certificate).map_err(|_| StateError::InvalidValue {
+                field: "default_certificate",
+                value: l.default_certificate.clone(),
+                reason: "give a certificate's fingerprint (64 hex digits, see `rampart certificate list`) or a server name it serves".into(),
+            })?;
+        }
+    }
+    if l.strict_sni && !https {
+        return Err(StateError::InvalidValue {
+            field: "strict_sni",
+            value: "true".into(),
+            reason: "only HTTPS listeners select a certificate by SNI".into(),
+        });
+    }
+    if l.tls_handshake_timeout_ms != 0 && !https {
+        return Err(StateError::InvalidValue {
+            field: "tls_handshake_timeout_ms",
+            value: l.tls_handshake_timeout_ms.to_string(),
+            reason: "only HTTPS listeners have a TLS handshake".into(),
+        });
+    }
+    if l.tls_handshake_timeout_ms > MAX_TLS_HANDSHAKE_TIMEOUT_MS {
+        return Err(StateError::InvalidValue {
+            field: "tls_handshake_timeout_ms",
+            value: l.tls_handshake_timeout_ms.to_string(),
+            reason: format!("use 1 to {MAX_TLS_HANDSHAKE_TIMEOUT_MS} ms, or 0 for the global timeouts.tls_handshake"),
         });
     }
     for code in l.answers.keys() {
@@ -771,18 +844,31 @@ impl State {
             Kind::RemoveCertificate(c) => self.remove_certificate(&c.address, &c.fingerprint),
             Kind::ReplaceCertificate(r) => {
                 let new = r.new_certificate.clone().unwrap_or_default();
-                let batch = proto::Batch {
-                    requests: vec![
-                        request_of(Kind::RemoveCertificate(proto::CertificateId {
-                            address: r.address.clone(),
-                            fingerprint: r.old_fingerprint.clone(),
-                        })),
-                        request_of(Kind::AddCertificate(proto::Certificate {
-                            address: r.address.clone(),
-                            ..new
-                        })),
-                    ],
-                };
+                let mut requests = vec![
+                    request_of(Kind::RemoveCertificate(proto::CertificateId {
+                        address: r.address.clone(),
+                        fingerprint: r.old_fingerprint.clone(),
+                    })),
+                    request_of(Kind::AddCertificate(proto::Certificate {
+                        address: r.address.clone(),
+                        ..new.clone()
+                    })),
+                ];
+                // A default certificate being replaced stays the default: by name it must be
+                // served by the new certificate too; by fingerprint it moves to the new one.
+                let listener = canonical_address(&r.address)
+                    .ok()
+                    .and_then(|a| self.listeners.get(&a))
+                    .filter(|l| !l.default_certificate.is_empty());
+                if let Some(l) = listener {
+                    let mut restored = l.clone();
+                    if restored.default_certificate == r.old_fingerprint.to_ascii_lowercase() {
+                        restored.default_certificate = certificate_fingerprint(&new.certificate)?;
+                    }
+                    requests.insert(0, request_of(Kind::AddListener(without_default(l))));
+                    requests.push(request_of(Kind::AddListener(restored)));
+                }
+                let batch = proto::Batch { requests };
                 self.apply(&request_of(Kind::Apply(batch))).map_err(|e| match e {
                     StateError::InBatch { source, .. } => *source,
                     other => other,
@@ -823,6 +909,15 @@ impl State {
         l.address = address.clone();
         if !l.public_address.is_empty() {
             l.public_address = canonical_address(&l.public_address)?;
+        }
+        if !l.default_certificate.is_empty() {
+            l.default_certificate = l.default_certificate.trim().trim_end_matches('.').to_ascii_lowercase();
+            if self.resolve_default(&address, &l.default_certificate).is_none() {
+                return Err(StateError::UnknownDefaultCertificate {
+                    address,
+                    reference: l.default_certificate,
+                });
+            }
         }
         match self.listeners.get(&address) {
             Some(existing) if existing.protocol != l.protocol => Err(StateError::ListenerProtocolChange {
@@ -1143,13 +1238,62 @@ impl State {
         Ok(Change::Added(format!("certificate {fingerprint} on {address}")))
     }
 
+    /// The fingerprint of the certificate that a listener's `default_certificate` reference
+    /// (canonical: a fingerprint or a lower-case server name) names among the listener's
+    /// certificates: the one with that fingerprint, or the one an SNI of that name selects
+    /// (an exact name, else the most specific wildcard covering it; the first such
+    /// certificate by fingerprint when several do).
+    pub fn resolve_default(&self, address: &str, reference: &str) -> Option<&str> {
+        let mut on_listener = self
+            .certificates
+            .range((address.to_string(), String::new())..)
+            .take_while(|((a, _), _)| a == address);
+        if is_fingerprint(reference) {
+            return on_listener
+                .find(|((_, fp), _)| fp == reference)
+                .map(|((_, fp), _)| fp.as_str());
+        }
+        let mut best: Option<(usize, &str)> = None;
+        for ((_, fp), c) in on_listener {
+            for name in &c.names {
+                // An exact name ranks above every wildcard, a longer wildcard above a shorter.
+                let rank = if name == reference {
+                    usize::MAX
+                } else if name.starts_with('*') && name_covers(name, reference) {
+                    name.len()
+                } else {
+                    continue;
+                };
+                if best.is_none_or(|(r, _)| rank > r) {
+                    best = Some((rank, fp.as_str()));
+                }
+            }
+        }
+        best.map(|(_, fp)| fp)
+    }
+
     fn remove_certificate(&mut self, address: &str, fingerprint: &str) -> Result<Change, StateError> {
         let address = canonical_address(address)?;
         let key = (address.clone(), fingerprint.to_ascii_lowercase());
-        if self.certificates.remove(&key).is_none() {
+        let Some(removed) = self.certificates.remove(&key) else {
             return Err(StateError::UnknownCertificate {
                 address,
                 fingerprint: fingerprint.to_string(),
+            });
+        };
+        // The listener's default certificate stays: another certificate may serve its name.
+        if let Some(reference) = self
+            .listeners
+            .get(&address)
+            .map(|l| l.default_certificate.clone())
+            .filter(|r| !r.is_empty())
+            && self.resolve_default(&address, &reference).is_none()
+        {
+            self.certificates.insert(key.clone(), removed);
+            return Err(StateError::DefaultCertificateInUse {
+                address,
+                fingerprint: key.1,
+                reference,
             });
         }
         self.reference(&address, None, -1);
@@ -1199,13 +1343,24 @@ impl State {
                 + self.frontend_count()
                 + self.health_checks.len(),
         );
-        out.extend(self.listeners.values().map(|l| request(Kind::AddListener(l.clone()))));
+        // A listener's default certificate is set once its certificates exist.
+        out.extend(
+            self.listeners
+                .values()
+                .map(|l| request(Kind::AddListener(without_default(l)))),
+        );
         out.extend(self.clusters.values().map(|c| request(Kind::AddCluster(c.clone()))));
         out.extend(self.backends.values().map(|b| request(Kind::AddBackend(b.clone()))));
         out.extend(
             self.certificates
                 .values()
                 .map(|c| request(Kind::AddCertificate(c.clone()))),
+        );
+        out.extend(
+            self.listeners
+                .values()
+                .filter(|l| !l.default_certificate.is_empty())
+                .map(|l| request(Kind::AddListener(l.clone()))),
         );
         out.extend(
             self.http_frontends
@@ -1248,7 +1403,11 @@ impl State {
         hasher.update(b"rampart-state-v1\0");
         let mut buf = Vec::new();
         for l in self.listeners.values() {
-            item(&mut hasher, &mut buf, TAG_ADD_LISTENER, l);
+            if l.default_certificate.is_empty() {
+                item(&mut hasher, &mut buf, TAG_ADD_LISTENER, l);
+            } else {
+                item(&mut hasher, &mut buf, TAG_ADD_LISTENER, &without_default(l));
+            }
         }
         for c in self.clusters.values() {
             item(&mut hasher, &mut buf, TAG_ADD_CLUSTER, c);
@@ -1264,6 +1423,9 @@ impl State {
                 keyless.key.zeroize();
                 item(&mut hasher, &mut buf, TAG_ADD_CERTIFICATE, &keyless);
             }
+        }
+        for l in self.listeners.values().filter(|l| !l.default_certificate.is_empty()) {
+            item(&mut hasher, &mut buf, TAG_ADD_LISTENER, l);
         }
         for f in self.http_frontends.values() {
             item(&mut hasher, &mut buf, TAG_ADD_HTTP_FRONTEND, f);
@@ -1316,7 +1478,36 @@ impl State {
                 (Some(a), Some(b)) if a.protocol != b.protocol)
         };
 
+        // Certificates the diff removes (changed, gone, or on a listener that is recreated).
+        let removed_certificates: Vec<&(String, String)> = self
+            .certificates
+            .iter()
+            .filter(|(key, c)| {
+                !target.certificates.get(*key).is_some_and(|t| same_certificate(t, c)) || recreated(&key.0)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        // A default certificate cannot be removed: a listener whose default is about to change,
+        // or to lose a certificate it may resolve to, has its default cleared first and set
+        // again once the certificates are in place.
+        let cleared: Vec<&String> = self
+            .listeners
+            .iter()
+            .filter(|(address, l)| {
+                !l.default_certificate.is_empty()
+                    && (target.listeners.get(*address) != Some(l)
+                        || recreated(address)
+                        || removed_certificates.iter().any(|(a, _)| a == *address))
+            })
+            .map(|(address, _)| address)
+            .collect();
+
         // --- removals
+        for address in &cleared {
+            if let Some(l) = self.listeners.get(*address) {
+                out.push(request(Kind::AddListener(without_default(l))));
+            }
+        }
         for (key, f) in &self.http_frontends {
             if target.http_frontends.get(key) != Some(f) || recreated(&key.address) {
                 out.push(request(Kind::RemoveHttpFrontend(f.clone())));
@@ -1332,14 +1523,11 @@ impl State {
                 out.push(request(Kind::RemoveTcpFrontend(f.clone())));
             }
         }
-        for ((address, fingerprint), c) in &self.certificates {
-            let key = (address.clone(), fingerprint.clone());
-            if !target.certificates.get(&key).is_some_and(|t| same_certificate(t, c)) || recreated(address) {
-                out.push(request(Kind::RemoveCertificate(proto::CertificateId {
-                    address: address.clone(),
-                    fingerprint: fingerprint.clone(),
-                })));
-            }
+        for (address, fingerprint) in &removed_certificates {
+            out.push(request(Kind::RemoveCertificate(proto::CertificateId {
+                address: address.clone(),
+                fingerprint: fingerprint.clone(),
+            })));
         }
         for cluster_id in self.health_checks.keys() {
             if target.clusters.contains_key(cluster_id) && !target.health_checks.contains_key(cluster_id) {
@@ -1376,9 +1564,22 @@ impl State {
         }
 
         // --- additions and updates
+        let mut defaults_later = Vec::new();
         for (address, l) in &target.listeners {
-            if self.listeners.get(address) != Some(l) {
-                out.push(request(Kind::AddListener(l.clone())));
+            // The listener as the removals left it.
+            let current = match self.listeners.get(address) {
+                Some(_) if recreated(address) => None,
+                Some(c) if cleared.contains(&address) => Some(without_default(c)),
+                other => other.cloned(),
+            };
+            let later = !l.default_certificate.is_empty()
+                && current.as_ref().map(|c| &c.default_certificate) != Some(&l.default_certificate);
+            let first = if later { without_default(l) } else { l.clone() };
+            if current.as_ref() != Some(&first) {
+                out.push(request(Kind::AddListener(first)));
+            }
+            if later {
+                defaults_later.push(request(Kind::AddListener(l.clone())));
             }
         }
         for (id, c) in &target.clusters {
@@ -1397,6 +1598,7 @@ impl State {
                 out.push(request(Kind::AddCertificate(c.clone())));
             }
         }
+        out.extend(defaults_later);
         for (key, f) in &target.http_frontends {
             if self.http_frontends.get(key) != Some(f) || recreated(&key.address) {
                 out.push(request(Kind::AddHttpFrontend(f.clone())));

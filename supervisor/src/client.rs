@@ -443,6 +443,18 @@ pub enum ListenerAction {
         /// Create it without accepting connections yet.
         #[arg(long)]
         inactive: bool,
+        /// HTTPS: the certificate served when the SNI names none of the listener's
+        /// certificates (its fingerprint, or a server name one of them serves).
+        #[arg(long, conflicts_with = "strict_sni")]
+        default_certificate: Option<String>,
+        /// HTTPS: refuse a handshake whose SNI names no certificate, or that has no SNI, with
+        /// the alert unrecognized_name instead of serving a default.
+        #[arg(long)]
+        strict_sni: bool,
+        /// HTTPS: close a connection whose TLS handshake is not complete after this many
+        /// milliseconds (default: the global timeouts.tls_handshake).
+        #[arg(long, value_name = "MS")]
+        tls_handshake_timeout_ms: Option<u32>,
     },
     /// Remove a listener (refused while frontends or certificates use it).
     Remove {
@@ -707,11 +719,17 @@ fn listener_kind(action: &ListenerAction) -> Kind {
             protocol,
             public_address,
             inactive,
+            default_certificate,
+            strict_sni,
+            tls_handshake_timeout_ms,
         } => Kind::AddListener(proto::Listener {
             address: address.clone(),
             protocol: protocol.to_proto() as i32,
             public_address: public_address.clone().unwrap_or_default(),
             active: !*inactive,
+            default_certificate: default_certificate.clone().unwrap_or_default(),
+            strict_sni: *strict_sni,
+            tls_handshake_timeout_ms: tls_handshake_timeout_ms.unwrap_or(0),
             ..Default::default()
         }),
         ListenerAction::Remove { address } => Kind::RemoveListener(address_of(address)),
@@ -1192,13 +1210,36 @@ fn render_frontends(list: &proto::FrontendList) -> String {
 }
 
 fn render_listeners(list: &proto::ListenerList) -> String {
-    let mut table = Table::new(&["ADDRESS", "PROTOCOL", "STATE", "PUBLIC ADDRESS"]);
+    let mut table = Table::new(&[
+        "ADDRESS",
+        "PROTOCOL",
+        "STATE",
+        "PUBLIC ADDRESS",
+        "DEFAULT CERTIFICATE",
+        "STRICT SNI",
+        "TLS HANDSHAKE",
+    ]);
     for l in &list.listeners {
+        let https = l.protocol == proto::Protocol::Https as i32;
+        let tls = |value: String| if https { value } else { "-".to_string() };
         table.push(vec![
             l.address.clone(),
             protocol_name(l.protocol),
             if l.active { "active" } else { "inactive" }.to_string(),
             or_dash(&l.public_address),
+            tls(if l.strict_sni {
+                "none (strict)".to_string()
+            } else if l.default_certificate.is_empty() {
+                "first name".to_string()
+            } else {
+                l.default_certificate.clone()
+            }),
+            tls(yes_no(l.strict_sni)),
+            tls(if l.tls_handshake_timeout_ms == 0 {
+                "default".to_string()
+            } else {
+                format!("{} ms", l.tls_handshake_timeout_ms)
+            }),
         ]);
     }
     table.render_or("no listeners")
@@ -1357,6 +1398,15 @@ fn describe(request: &Request) -> String {
                 );
                 if !l.public_address.is_empty() {
                     let _ = write!(text, " public {}", l.public_address);
+                }
+                if !l.default_certificate.is_empty() {
+                    let _ = write!(text, " default_certificate {}", l.default_certificate);
+                }
+                if l.strict_sni {
+                    text.push_str(" strict_sni");
+                }
+                if l.tls_handshake_timeout_ms != 0 {
+                    let _ = write!(text, " tls_handshake {} ms", l.tls_handshake_timeout_ms);
                 }
                 text
             }
@@ -1575,6 +1625,30 @@ mod tests {
             if l.protocol == proto::Protocol::Https as i32 && !l.active && l.public_address.is_empty()));
         let kind = kind_of(&["listener", "add", "--address", "0.0.0.0:80", "--protocol", "http"]);
         assert!(matches!(kind, Kind::AddListener(l) if l.active));
+        let kind = kind_of(&[
+            "listener",
+            "add",
+            "--address",
+            "0.0.0.0:443",
+            "--protocol",
+            "https",
+            "--default-certificate",
+            "shop.example",
+            "--tls-handshake-timeout-ms",
+            "2500",
+        ]);
+        assert!(matches!(kind, Kind::AddListener(l)
+            if l.default_certificate == "shop.example" && !l.strict_sni && l.tls_handshake_timeout_ms == 2500));
+        let kind = kind_of(&[
+            "listener",
+            "add",
+            "--address",
+            "0.0.0.0:443",
+            "--protocol",
+            "https",
+            "--strict-sni",
+        ]);
+        assert!(matches!(kind, Kind::AddListener(l) if l.strict_sni && l.default_certificate.is_empty()));
         assert!(matches!(
             kind_of(&["listener", "deactivate", "--address", "0.0.0.0:80"]),
             Kind::DeactivateListener(a) if a.address == "0.0.0.0:80"
@@ -1749,14 +1823,16 @@ http      0.0.0.0:80  shop.example  prefix /api  any     shop
                     protocol: proto::Protocol::Https as i32,
                     public_address: "203.0.113.7:443".into(),
                     active: false,
+                    default_certificate: "a.example".into(),
+                    tls_handshake_timeout_ms: 1500,
                     ..Default::default()
                 },
             ],
         };
         let expected = "\
-ADDRESS     PROTOCOL  STATE     PUBLIC ADDRESS
-0.0.0.0:80  http      active    -
-[::]:443    https     inactive  203.0.113.7:443
+ADDRESS     PROTOCOL  STATE     PUBLIC ADDRESS   DEFAULT CERTIFICATE  STRICT SNI  TLS HANDSHAKE
+0.0.0.0:80  http      active    -                -                    -           -
+[::]:443    https     inactive  203.0.113.7:443  a.example            no          1500 ms
 ";
         assert_eq!(render_listeners(&list), expected);
     }

@@ -426,6 +426,8 @@ pub struct HttpSession {
     /// Where the current request starts in the request buffer.
     request_start: usize,
     request_began: Option<Instant>,
+    /// The TLS handshake is not complete: the deadline is the handshake timeout.
+    handshaking: bool,
     pub deadline: Instant,
 }
 
@@ -441,7 +443,14 @@ impl HttpSession {
         now: Instant,
         timeouts: &Timeouts,
     ) -> HttpSession {
-        let idle = listener.timeouts.client_idle.unwrap_or(timeouts.client_idle);
+        let handshaking = front.in_handshake();
+        // A client that never completes its handshake gets the handshake timeout, not the
+        // (much longer) idle timeout.
+        let first_deadline = if handshaking {
+            listener.timeouts.tls_handshake.unwrap_or(timeouts.tls_handshake)
+        } else {
+            listener.timeouts.client_idle.unwrap_or(timeouts.client_idle)
+        };
         HttpSession {
             front,
             client: ClientFacts::new(peer, &listener),
@@ -466,7 +475,8 @@ impl HttpSession {
             close_after: false,
             request_start: 0,
             request_began: None,
-            deadline: now + idle,
+            handshaking,
+            deadline: now + first_deadline,
         }
     }
 
@@ -535,11 +545,46 @@ impl HttpSession {
             };
             match progress {
                 Step::Progress => continue,
-                Step::Blocked => return Status::Open,
+                Step::Blocked => {
+                    self.handshake_settled(ctx);
+                    return Status::Open;
+                }
                 Step::Close => return Status::Close,
             }
         }
+        self.handshake_settled(ctx);
         Status::Open
+    }
+
+    /// Once the handshake is complete, the connection waits for its first request under the
+    /// idle timeout (a request that already began has its own deadline).
+    fn handshake_settled(&mut self, ctx: &Context<'_>) {
+        if self.handshaking && !self.front.in_handshake() {
+            self.handshaking = false;
+            if self.phase == Phase::Request && self.request_began.is_none() {
+                self.deadline = self.idle_deadline(ctx);
+            }
+        }
+    }
+
+    /// On HTTPS: whether the request's host is one the connection's certificate does not name
+    /// (exactly or under one of its wildcards), or the connection came without SNI to a strict
+    /// listener. Such a request is answered 421 and never routed.
+    fn misdirected(&self, authority: &[u8]) -> bool {
+        if !self.listener.https {
+            return false;
+        }
+        let Some((names, sni)) = self.front.served() else {
+            return true;
+        };
+        if self.listener.strict_sni && !sni {
+            return true;
+        }
+        let host = crate::router::strip_port(authority);
+        let Ok(host) = std::str::from_utf8(host) else {
+            return true;
+        };
+        !names.iter().any(|name| rampart_command::state::name_covers(name, host))
     }
 
     fn read_front(&mut self) -> Io {
@@ -654,6 +699,11 @@ impl HttpSession {
             ),
             _ => (&b""[..], &b""[..], &b""[..]),
         };
+        if self.misdirected(authority) {
+            let close = !self.req.is_terminated();
+            self.start_answer(ctx, 421, close, None);
+            return Step::Progress;
+        }
         let router = ctx.router;
         let Some(cluster_id) = router.route(&self.listener.address, authority, path, method) else {
             let close = !self.req.is_terminated();
