@@ -912,3 +912,36 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "echo.test" }} ]
     assert_eq!(json(body)["headers"]["host"], "echo.test", "{reply}");
     assert_eq!(echo.requests(), 2);
 }
+
+/// The proxy's own answers close the connection when the client asked for it (Connection:
+/// close, or HTTP/1.0 without keep-alive), like a backend's response does.
+#[test]
+fn own_answers_close_when_the_client_asks() {
+    let port = free_port();
+    let config = format!(
+        "{head}\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n",
+        head = config_head(std::path::Path::new("{dir}"), 1),
+    );
+    let _r = Rampart::start("answers-close", &config);
+    for request in [
+        &b"GET / HTTP/1.1\r\nHost: nowhere.test\r\nConnection: close\r\n\r\n"[..],
+        b"GET / HTTP/1.0\r\nHost: nowhere.test\r\n\r\n",
+    ] {
+        let started = Instant::now();
+        let reply = raw_exchange(port, request, Duration::from_secs(10));
+        assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+        assert!(reply.contains("Connection: close\r\n"), "{reply}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the connection stayed open after the answer ({:?})",
+            started.elapsed()
+        );
+    }
+    // Keep-alive is kept when asked for.
+    let reply = raw_exchange(
+        port,
+        b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\nGET / HTTP/1.1\r\nHost: nowhere.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert_eq!(reply.matches("HTTP/1.1 404").count(), 2, "{reply}");
+}

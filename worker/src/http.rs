@@ -512,6 +512,9 @@ impl HttpSession {
     }
 
     fn start_answer(&mut self, ctx: &mut Context<'_>, code: u16, close: bool, location: Option<&str>) {
+        // A client that asked to close (Connection: close, or HTTP/1.0 without keep-alive) gets
+        // the connection closed after our answer too (RFC 9112 §9.6), as after a backend's.
+        let close = close || self.facts.close || (self.facts.http10 && !self.facts.keep_alive);
         let cluster_503 = self
             .cluster
             .as_ref()
