@@ -47,6 +47,9 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT: u32 = 10;
     pub const BACKEND_CONNECT_TIMEOUT: u32 = 3;
     pub const BACKEND_RESPONSE_TIMEOUT: u32 = 30;
+    /// A client has this long to complete its TLS handshake (a slow HTTP/1.1 head gets
+    /// REQUEST_TIMEOUT; a handshake should not get the whole CLIENT_IDLE_TIMEOUT).
+    pub const TLS_HANDSHAKE_TIMEOUT: u32 = 10;
     /// How long a soft stop (or SIGTERM) lets in-flight requests finish.
     pub const SHUTDOWN_GRACE: u32 = 30;
     /// Weight of a backend when the file names none.
@@ -205,6 +208,8 @@ pub struct Timeouts {
     pub backend_connect: u32,
     pub backend_response: u32,
     pub shutdown_grace: u32,
+    /// A TLS handshake not complete after this many seconds ends the connection.
+    pub tls_handshake: u32,
 }
 
 impl Default for Timeouts {
@@ -215,6 +220,7 @@ impl Default for Timeouts {
             backend_connect: defaults::BACKEND_CONNECT_TIMEOUT,
             backend_response: defaults::BACKEND_RESPONSE_TIMEOUT,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
+            tls_handshake: defaults::TLS_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -288,6 +294,14 @@ pub struct ListenerConfig {
     pub groups: Vec<String>,
     #[serde(default)]
     pub timeouts: Option<ListenerTimeouts>,
+    /// HTTPS: the certificate (fingerprint, or a server name one of the listener's
+    /// certificates serves) for a handshake whose SNI names none of them.
+    #[serde(default)]
+    pub default_certificate: Option<String>,
+    /// HTTPS: refuse a handshake whose SNI names no certificate (or that has none) with the
+    /// alert unrecognized_name, instead of serving a default.
+    #[serde(default)]
+    pub strict_sni: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -297,6 +311,8 @@ pub struct ListenerTimeouts {
     pub request: u32,
     pub backend_connect: u32,
     pub backend_response: u32,
+    /// HTTPS: seconds for a TLS handshake to complete.
+    pub tls_handshake: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -341,6 +357,10 @@ pub struct FrontendConfig {
     pub certificate_chain: Option<PathBuf>,
     #[serde(default)]
     pub key: Option<PathBuf>,
+    /// The server names the certificate serves; absent: the names in the certificate (its
+    /// subjectAltName DNS names, or its common name when it has none).
+    #[serde(default)]
+    pub certificate_names: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -434,6 +454,9 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 pub struct Origin {
     pub key: String,
     pub span: Range<usize>,
+    /// The request completes an item added earlier in the list (a listener's default
+    /// certificate, set once its certificates exist): it updates rather than adds.
+    pub completes: bool,
 }
 
 impl fmt::Display for Origin {
@@ -533,6 +556,13 @@ impl Config {
                 format!("{} is out of range: use 1024 to 1048576 bytes", self.buffer_size),
             ));
         }
+        if !(1..=3600).contains(&self.timeouts.tls_handshake) {
+            return Err(self.value_error(
+                "timeouts.tls_handshake",
+                None,
+                format!("{} is out of range: use 1 to 3600 seconds", self.timeouts.tls_handshake),
+            ));
+        }
         if self.worker_user.is_empty() || self.worker_group.is_empty() {
             return Err(self.value_error(
                 "worker_user",
@@ -569,10 +599,16 @@ impl Config {
                     id: String::new(),
                     kind: Some(kind),
                 },
-                Origin { key, span },
+                Origin {
+                    key,
+                    span,
+                    completes: false,
+                },
             ));
         };
+        let mut defaults = Vec::new();
         let mut protocols = BTreeMap::new();
+        let mut certificates: Vec<(String, Option<String>, Vec<String>)> = Vec::new();
         for (i, listener) in self.listeners.iter().enumerate() {
             let span = listener.span();
             let l = listener.get_ref();
@@ -583,22 +619,37 @@ impl Config {
                 ListenerProtocol::Https => proto::Protocol::Https,
                 ListenerProtocol::Tcp => proto::Protocol::Tcp,
             };
+            let listener = proto::Listener {
+                address: l.address.clone(),
+                protocol: protocol as i32,
+                public_address: l.public_address.clone().unwrap_or_default(),
+                expect_proxy_protocol: l.expect_proxy_protocol,
+                send_proxy_protocol: l.send_proxy_protocol,
+                client_idle_timeout_ms: t.client_idle.saturating_mul(1000),
+                request_timeout_ms: t.request.saturating_mul(1000),
+                backend_connect_timeout_ms: t.backend_connect.saturating_mul(1000),
+                backend_response_timeout_ms: t.backend_response.saturating_mul(1000),
+                answers: l.answers.clone(),
+                tls_min_version: l.tls_min_version.clone().unwrap_or_default(),
+                cipher_suites: l.cipher_suites.clone(),
+                groups: l.groups.clone(),
+                active: true,
+                default_certificate: l.default_certificate.clone().unwrap_or_default(),
+                strict_sni: l.strict_sni,
+                tls_handshake_timeout_ms: t.tls_handshake.saturating_mul(1000),
+            };
+            // Its default certificate is set once the certificates of the frontends exist.
+            if !listener.default_certificate.is_empty() {
+                defaults.push((
+                    listener.clone(),
+                    format!("listeners[{i}].default_certificate"),
+                    span.clone(),
+                ));
+            }
             push(
                 Kind::AddListener(proto::Listener {
-                    address: l.address.clone(),
-                    protocol: protocol as i32,
-                    public_address: l.public_address.clone().unwrap_or_default(),
-                    expect_proxy_protocol: l.expect_proxy_protocol,
-                    send_proxy_protocol: l.send_proxy_protocol,
-                    client_idle_timeout_ms: t.client_idle.saturating_mul(1000),
-                    request_timeout_ms: t.request.saturating_mul(1000),
-                    backend_connect_timeout_ms: t.backend_connect.saturating_mul(1000),
-                    backend_response_timeout_ms: t.backend_response.saturating_mul(1000),
-                    answers: l.answers.clone(),
-                    tls_min_version: l.tls_min_version.clone().unwrap_or_default(),
-                    cipher_suites: l.cipher_suites.clone(),
-                    groups: l.groups.clone(),
-                    active: true,
+                    default_certificate: String::new(),
+                    ..listener
                 }),
                 format!("listeners[{i}]"),
                 span,
@@ -669,7 +720,7 @@ impl Config {
                         };
                         let frontend = proto::HttpFrontend {
                             address: f.address.clone(),
-                            hostname: hostname.clone(),
+                            hostname,
                             path: Some(proto::PathRule {
                                 kind: path_kind as i32,
                                 value: f.path.clone().unwrap_or_default(),
@@ -695,21 +746,39 @@ impl Config {
                                         ));
                                     }
                                 };
-                                push(
-                                    Kind::AddCertificate(proto::Certificate {
-                                        address: f.address.clone(),
-                                        certificate,
-                                        chain,
-                                        key: key_pem,
-                                        names: vec![hostname],
-                                    }),
-                                    format!("{key}.certificate"),
-                                    fspan.clone(),
+                                let names = f.certificate_names.clone().unwrap_or_default();
+                                // One certificate for several frontends (a.example and
+                                // www.a.example under one subjectAltName) is added once.
+                                let id = (
+                                    f.address.clone(),
+                                    crate::state::certificate_fingerprint(&certificate).ok(),
+                                    names.clone(),
                                 );
+                                if id.1.is_none() || !certificates.contains(&id) {
+                                    certificates.push(id);
+                                    push(
+                                        Kind::AddCertificate(proto::Certificate {
+                                            address: f.address.clone(),
+                                            certificate,
+                                            chain,
+                                            key: key_pem,
+                                            names,
+                                        }),
+                                        format!("{key}.certificate"),
+                                        fspan.clone(),
+                                    );
+                                }
+                            }
+                            if f.certificate.is_none() && f.certificate_names.is_some() {
+                                return Err(self.value_error(
+                                    &format!("{key}.certificate_names"),
+                                    Some(fspan.clone()),
+                                    "certificate_names names what a certificate serves: add the frontend's `certificate` and `key`, or remove it".into(),
+                                ));
                             }
                             push(Kind::AddHttpsFrontend(frontend), key, fspan);
                         } else {
-                            if f.certificate.is_some() {
+                            if f.certificate.is_some() || f.certificate_names.is_some() {
                                 return Err(self.value_error(
                                     &format!("{key}.certificate"),
                                     Some(fspan.clone()),
@@ -740,6 +809,23 @@ impl Config {
                 );
             }
         }
+        for (listener, key, span) in defaults {
+            out.push((
+                proto::Request {
+                    id: String::new(),
+                    kind: Some(Kind::UpdateListener(proto::ListenerUpdate {
+                        address: listener.address.clone(),
+                        listener: Some(listener),
+                        fields: vec!["default_certificate".into()],
+                    })),
+                },
+                Origin {
+                    key,
+                    span,
+                    completes: true,
+                },
+            ));
+        }
         Ok(out)
     }
 
@@ -760,6 +846,7 @@ impl Config {
             // same thing declared twice is a mistake.
             match change {
                 crate::state::Change::Added(_) => {}
+                crate::state::Change::Updated(_) if origin.completes => {}
                 crate::state::Change::Updated(what) | crate::state::Change::Unchanged(what) => {
                     return Err(ConfigError::Duplicate {
                         file: self.source.clone(),
@@ -986,5 +1073,91 @@ frontends = [ { address = "127.0.0.1:8443", hostname = "a.com", certificate = "m
             matches!(&err, ConfigError::Certificate { line: 7, path, .. } if path.ends_with("missing.pem")),
             "{err}"
         );
+    }
+
+    /// A certificate in the file serves the names it holds unless `certificate_names` says
+    /// otherwise, and one certificate shared by several frontends is added once.
+    #[test]
+    fn file_certificates_are_named_by_themselves_and_shared() {
+        let dir = std::env::temp_dir().join(format!("rampart-config-certs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("san.pem"), include_str!("testdata/san.pem")).unwrap();
+        std::fs::write(dir.join("cn.pem"), include_str!("testdata/cn-only.pem")).unwrap();
+        std::fs::write(
+            dir.join("key.pem"),
+            "-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let text = r#"
+[[listeners]]
+address = "127.0.0.1:8443"
+protocol = "https"
+
+[clusters.shop]
+frontends = [
+  { address = "127.0.0.1:8443", hostname = "shop.example", certificate = "san.pem", key = "key.pem" },
+  { address = "127.0.0.1:8443", hostname = "www.shop.example", certificate = "san.pem", key = "key.pem" },
+  { address = "127.0.0.1:8443", hostname = "legacy.example", certificate = "cn.pem", key = "key.pem", certificate_names = ["old.example"] },
+]
+"#;
+        let state = Config::parse(text, &dir.join("rampart.toml"))
+            .unwrap()
+            .to_state()
+            .unwrap();
+        let mut names: Vec<Vec<String>> = state.certificates().map(|(_, c)| c.names.clone()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![
+                vec!["old.example".to_string()],
+                vec!["shop.example".into(), "*.shop.example".into()]
+            ]
+        );
+        let err = Config::parse(
+            &text.replace(", certificate = \"cn.pem\", key = \"key.pem\"", ""),
+            &dir.join("rampart.toml"),
+        )
+        .unwrap()
+        .to_state()
+        .unwrap_err();
+        assert!(err.to_string().contains("frontends[2].certificate_names"), "{err}");
+
+        // The listener's TLS settings: its default certificate is set once the frontends'
+        // certificates exist.
+        let tls = text.replace(
+            "protocol = \"https\"",
+            "protocol = \"https\"\ndefault_certificate = \"www.shop.example\"\ntimeouts = { tls_handshake = 2 }",
+        );
+        let config = Config::parse(&tls, &dir.join("rampart.toml")).unwrap();
+        let state = config.to_state().unwrap();
+        let l = &state.listeners()["127.0.0.1:8443"];
+        assert_eq!(
+            (l.default_certificate.as_str(), l.tls_handshake_timeout_ms),
+            ("www.shop.example", 2000)
+        );
+        assert_eq!(config.timeouts.tls_handshake, defaults::TLS_HANDSHAKE_TIMEOUT);
+        let err = Config::parse(
+            &tls.replace("www.shop.example\"", "nowhere.example\""),
+            &dir.join("rampart.toml"),
+        )
+        .unwrap()
+        .to_state()
+        .unwrap_err();
+        assert!(err.to_string().contains("listeners[0].default_certificate"), "{err}");
+        let err = Config::parse(
+            &tls.replace("default_certificate", "strict_sni = true\ndefault_certificate"),
+            &dir.join("rampart.toml"),
+        )
+        .unwrap()
+        .to_state()
+        .unwrap_err();
+        assert!(err.to_string().contains("strict_sni"), "{err}");
+        let err = Config::parse(
+            &format!("[timeouts]\ntls_handshake = 0\n{text}"),
+            &dir.join("rampart.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("timeouts.tls_handshake"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

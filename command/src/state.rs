@@ -104,8 +104,24 @@ pub enum StateError {
     TcpListenerTaken { address: String, cluster_id: String },
     #[error("invalid certificate: {reason}")]
     InvalidCertificate { reason: String },
+    #[error(
+        "the certificate names no server rampart can serve ({found}): give its names (`--name` on the command line, `certificate_names` in the file, `names` in the protocol)"
+    )]
+    CertificateWithoutNames { found: String },
     #[error("listener {address} already has certificate {fingerprint}")]
     DuplicateCertificate { address: String, fingerprint: String },
+    #[error(
+        "listener {address} has no certificate that default_certificate `{reference}` names: add the certificate first, then make it the default"
+    )]
+    UnknownDefaultCertificate { address: String, reference: String },
+    #[error(
+        "certificate {fingerprint} is what default_certificate `{reference}` of listener {address} serves: set another default_certificate on the listener, or clear it, first"
+    )]
+    DefaultCertificateInUse {
+        address: String,
+        fingerprint: String,
+        reference: String,
+    },
     #[error("listener {address} has no certificate {fingerprint}")]
     UnknownCertificate { address: String, fingerprint: String },
     #[error("a batch cannot contain another batch")]
@@ -361,6 +377,108 @@ pub fn certificate_fingerprint(pem: &str) -> Result<String, StateError> {
     Ok(hex::encode(Sha256::digest(&der)))
 }
 
+/// The OID of a subject's commonName attribute (X.520, 2.5.4.3).
+const COMMON_NAME: x509_cert::der::asn1::ObjectIdentifier =
+    x509_cert::der::asn1::ObjectIdentifier::new_unwrap("2.5.4.3");
+
+/// The server names a certificate serves when it is added without names: the DNS names of its
+/// subjectAltName, or, only when it has no subjectAltName extension, its subject's common names
+/// (RFC 6125 §6.4.4). Names rampart cannot route (IP addresses, e-mail addresses, malformed
+/// DNS names) are left out; a certificate left with none is refused, saying what it holds.
+pub fn certificate_names(pem: &str) -> Result<Vec<String>, StateError> {
+    use x509_cert::der::Decode;
+    use x509_cert::ext::pkix::SubjectAltName;
+    use x509_cert::ext::pkix::name::GeneralName;
+    let der = pem_block(pem, "CERTIFICATE").ok_or_else(|| StateError::InvalidCertificate {
+        reason: "no PEM `CERTIFICATE` block with valid base64".into(),
+    })?;
+    let cert = x509_cert::Certificate::from_der(&der).map_err(|e| StateError::InvalidCertificate {
+        reason: format!("the certificate is not valid X.509 DER ({e}); check that the file holds the leaf certificate"),
+    })?;
+    let tbs = &cert.tbs_certificate;
+    let san = tbs
+        .get::<SubjectAltName>()
+        .map_err(|e| StateError::InvalidCertificate {
+            reason: format!("its subjectAltName extension does not parse: {e}"),
+        })?;
+    let mut names: Vec<String> = Vec::new();
+    let mut unusable: Vec<String> = Vec::new();
+    fn keep(raw: &str, names: &mut Vec<String>, unusable: &mut Vec<String>) {
+        match canonical_hostname(raw) {
+            Ok(name) if !names.contains(&name) => names.push(name),
+            Ok(_) => {}
+            Err(_) => unusable.push(format!("`{raw}`")),
+        }
+    }
+    let source = if let Some((_, SubjectAltName(general))) = san {
+        for g in &general {
+            match g {
+                GeneralName::DnsName(dns) => keep(dns.as_str(), &mut names, &mut unusable),
+                GeneralName::IpAddress(_) => unusable.push("an IP address".into()),
+                GeneralName::Rfc822Name(_) => unusable.push("an e-mail address".into()),
+                _ => unusable.push("a name of another kind".into()),
+            }
+        }
+        "subjectAltName"
+    } else {
+        for atv in tbs.subject.0.iter().flat_map(|rdn| rdn.0.iter()) {
+            if atv.oid != COMMON_NAME {
+                continue;
+            }
+            let text = atv
+                .value
+                .decode_as::<String>()
+                .ok()
+                .or_else(|| {
+                    atv.value
+                        .decode_as::<x509_cert::der::asn1::PrintableStringRef<'_>>()
+                        .ok()
+                        .map(|p| p.as_str().to_string())
+                })
+                .or_else(|| {
+                    atv.value
+                        .decode_as::<x509_cert::der::asn1::Ia5StringRef<'_>>()
+                        .ok()
+                        .map(|p| p.as_str().to_string())
+                });
+            match text {
+                Some(t) => keep(&t, &mut names, &mut unusable),
+                None => unusable.push("a common name in an unsupported string type".into()),
+            }
+        }
+        "subject common name (it has no subjectAltName)"
+    };
+    if names.is_empty() {
+        let found = if unusable.is_empty() {
+            format!("its {source} holds no name")
+        } else {
+            format!("its {source} holds only {}", unusable.join(", "))
+        };
+        return Err(StateError::CertificateWithoutNames { found });
+    }
+    Ok(names)
+}
+
+/// Whether a certificate or frontend name covers a server name: the same name, or a `*.`
+/// wildcard and a name under it (`*.example.com` covers `a.example.com` and `a.b.example.com`,
+/// as the router and the SNI selection read wildcards). Both sides compare without case and
+/// without a trailing dot.
+pub fn name_covers(pattern: &str, name: &str) -> bool {
+    let name = name.trim_end_matches('.');
+    if pattern.eq_ignore_ascii_case(name) {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) if suffix.starts_with('.') => {
+            name.len() > suffix.len() && {
+                let split = name.len() - suffix.len();
+                name.get(split..).is_some_and(|tail| tail.eq_ignore_ascii_case(suffix))
+            }
+        }
+        _ => false,
+    }
+}
+
 /// Two certificate entries are the same whether or not either holds its private key: a
 /// certificate determines its key (the supervisor checks that they match).
 fn same_certificate(a: &proto::Certificate, b: &proto::Certificate) -> bool {
@@ -387,8 +505,8 @@ fn check_certificate(cert: &proto::Certificate, keys_elsewhere: bool) -> Result<
     Ok(fingerprint)
 }
 
-const ANSWER_CODES: [&str; 11] = [
-    "301", "400", "404", "408", "413", "414", "431", "502", "503", "504", "401",
+const ANSWER_CODES: [&str; 12] = [
+    "301", "400", "404", "408", "413", "414", "421", "431", "502", "503", "504", "401",
 ];
 
 /// What `expect_proxy_protocol` and `send_proxy_protocol` would need: refused rather than
@@ -398,7 +516,7 @@ const PROXY_PROTOCOL_LATER: &str = "the PROXY protocol is not implemented yet";
 /// The listener fields `update_listener` may change, by their protocol names; `answers.CODE`
 /// changes one answer. The address, the protocol and `active` (activate/deactivate) do not
 /// belong here.
-pub const LISTENER_FIELDS: [&str; 9] = [
+pub const LISTENER_FIELDS: [&str; 12] = [
     "public_address",
     "client_idle_timeout_ms",
     "request_timeout_ms",
@@ -408,6 +526,9 @@ pub const LISTENER_FIELDS: [&str; 9] = [
     "cipher_suites",
     "groups",
     "answers",
+    "tls_handshake_timeout_ms",
+    "strict_sni",
+    "default_certificate",
 ];
 
 /// Copies field `name` of `from` into `to`.
@@ -422,6 +543,9 @@ fn set_listener_field(to: &mut proto::Listener, from: &proto::Listener, name: &s
         "cipher_suites" => to.cipher_suites.clone_from(&from.cipher_suites),
         "groups" => to.groups.clone_from(&from.groups),
         "answers" => to.answers.clone_from(&from.answers),
+        "tls_handshake_timeout_ms" => to.tls_handshake_timeout_ms = from.tls_handshake_timeout_ms,
+        "strict_sni" => to.strict_sni = from.strict_sni,
+        "default_certificate" => to.default_certificate.clone_from(&from.default_certificate),
         other => match other.strip_prefix("answers.") {
             Some(code) => match from.answers.get(code).filter(|v| !v.is_empty()) {
                 Some(body) => {
@@ -456,6 +580,43 @@ fn listener_differences(a: &proto::Listener, b: &proto::Listener) -> Vec<String>
         })
         .map(|name| (*name).to_string())
         .collect()
+}
+
+/// The longest per-listener TLS handshake timeout (an hour).
+pub const MAX_TLS_HANDSHAKE_TIMEOUT_MS: u32 = 3_600_000;
+
+/// A certificate fingerprint as the state writes it: 64 hex digits.
+fn is_fingerprint(value: &str) -> bool {
+    value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Sets a listener's default certificate (once its certificates exist).
+fn set_default_request(l: &proto::Listener) -> proto::Request {
+    request(Kind::UpdateListener(proto::ListenerUpdate {
+        address: l.address.clone(),
+        listener: Some(proto::Listener {
+            default_certificate: l.default_certificate.clone(),
+            ..Default::default()
+        }),
+        fields: vec!["default_certificate".into()],
+    }))
+}
+
+/// Clears a listener's default certificate (before the certificate it names goes).
+fn clear_default_request(address: &str) -> proto::Request {
+    request(Kind::UpdateListener(proto::ListenerUpdate {
+        address: address.to_string(),
+        listener: Some(proto::Listener::default()),
+        fields: vec!["default_certificate".into()],
+    }))
+}
+
+/// A listener without its default certificate: what is added before its certificates exist.
+fn without_default(l: &proto::Listener) -> proto::Listener {
+    proto::Listener {
+        default_certificate: String::new(),
+        ..l.clone()
+    }
 }
 
 fn check_listener(l: &proto::Listener) -> Result<(), StateError> {
@@ -508,6 +669,51 @@ fn check_listener(l: &proto::Listener) -> Result<(), StateError> {
             reason: "only HTTPS listeners have cipher suites".into(),
         });
     }
+    let https = protocol == proto::Protocol::Https;
+    if !l.default_certificate.is_empty() {
+        if !https {
+            return Err(StateError::InvalidValue {
+                field: "default_certificate",
+                value: l.default_certificate.clone(),
+                reason: "only HTTPS listeners have certificates".into(),
+            });
+        }
+        if l.strict_sni {
+            return Err(StateError::InvalidValue {
+                field: "default_certificate",
+                value: l.default_certificate.clone(),
+                reason: "a strict_sni listener serves no default certificate: clear one of the two".into(),
+            });
+        }
+        if !is_fingerprint(&l.default_certificate) {
+            canonical_hostname(&l.default_certificate).map_err(|_| StateError::InvalidValue {
+                field: "default_certificate",
+                value: l.default_certificate.clone(),
+                reason: "give a certificate's fingerprint (64 hex digits, see `rampart certificate list`) or a server name it serves".into(),
+            })?;
+        }
+    }
+    if l.strict_sni && !https {
+        return Err(StateError::InvalidValue {
+            field: "strict_sni",
+            value: "true".into(),
+            reason: "only HTTPS listeners select a certificate by SNI".into(),
+        });
+    }
+    if l.tls_handshake_timeout_ms != 0 && !https {
+        return Err(StateError::InvalidValue {
+            field: "tls_handshake_timeout_ms",
+            value: l.tls_handshake_timeout_ms.to_string(),
+            reason: "only HTTPS listeners have a TLS handshake".into(),
+        });
+    }
+    if l.tls_handshake_timeout_ms > MAX_TLS_HANDSHAKE_TIMEOUT_MS {
+        return Err(StateError::InvalidValue {
+            field: "tls_handshake_timeout_ms",
+            value: l.tls_handshake_timeout_ms.to_string(),
+            reason: format!("use 1 to {MAX_TLS_HANDSHAKE_TIMEOUT_MS} ms, or 0 for the global timeouts.tls_handshake"),
+        });
+    }
     for code in l.answers.keys() {
         if !ANSWER_CODES.contains(&code.as_str()) {
             return Err(StateError::InvalidValue {
@@ -531,6 +737,7 @@ const TAG_ADD_HTTPS_FRONTEND: u32 = 22;
 const TAG_ADD_TCP_FRONTEND: u32 = 24;
 const TAG_ADD_BACKEND: u32 = 30;
 const TAG_ADD_LISTENER: u32 = 40;
+const TAG_UPDATE_LISTENER: u32 = 45;
 const TAG_ADD_CERTIFICATE: u32 = 50;
 
 /// Writes requests as [`State::save`] does: one JSON request per line.
@@ -720,17 +927,32 @@ impl State {
             Kind::RemoveCertificate(c) => self.remove_certificate(&c.address, &c.fingerprint),
             Kind::ReplaceCertificate(r) => {
                 let new = r.new_certificate.clone().unwrap_or_default();
+                let mut requests = vec![
+                    request_of(Kind::RemoveCertificate(proto::CertificateId {
+                        address: r.address.clone(),
+                        fingerprint: r.old_fingerprint.clone(),
+                    })),
+                    request_of(Kind::AddCertificate(proto::Certificate {
+                        address: r.address.clone(),
+                        ..new.clone()
+                    })),
+                ];
+                // A default certificate being replaced stays the default: by name it must be
+                // served by the new certificate too; by fingerprint it moves to the new one.
+                let listener = canonical_address(&r.address)
+                    .ok()
+                    .and_then(|a| self.listeners.get(&a))
+                    .filter(|l| !l.default_certificate.is_empty());
+                if let Some(l) = listener {
+                    let mut restored = l.clone();
+                    if restored.default_certificate == r.old_fingerprint.to_ascii_lowercase() {
+                        restored.default_certificate = certificate_fingerprint(&new.certificate)?;
+                    }
+                    requests.insert(0, clear_default_request(&l.address));
+                    requests.push(set_default_request(&restored));
+                }
                 let batch = proto::Batch {
-                    requests: vec![
-                        request_of(Kind::RemoveCertificate(proto::CertificateId {
-                            address: r.address.clone(),
-                            fingerprint: r.old_fingerprint.clone(),
-                        })),
-                        request_of(Kind::AddCertificate(proto::Certificate {
-                            address: r.address.clone(),
-                            ..new
-                        })),
-                    ],
+                    requests,
                     base_state_hash: String::new(),
                 };
                 self.apply(&request_of(Kind::Apply(batch))).map_err(|e| match e {
@@ -777,6 +999,15 @@ impl State {
         if !l.public_address.is_empty() {
             l.public_address = canonical_address(&l.public_address)?;
         }
+        if !l.default_certificate.is_empty() {
+            l.default_certificate = l.default_certificate.trim().trim_end_matches('.').to_ascii_lowercase();
+            if self.resolve_default(&address, &l.default_certificate).is_none() {
+                return Err(StateError::UnknownDefaultCertificate {
+                    address,
+                    reference: l.default_certificate,
+                });
+            }
+        }
         match self.listeners.get(&address) {
             Some(existing) if existing.protocol != l.protocol => Err(StateError::ListenerProtocolChange {
                 address,
@@ -815,6 +1046,19 @@ impl State {
         check_listener(&next)?;
         if !next.public_address.is_empty() {
             next.public_address = canonical_address(&next.public_address)?;
+        }
+        if !next.default_certificate.is_empty() {
+            next.default_certificate = next
+                .default_certificate
+                .trim()
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            if self.resolve_default(&address, &next.default_certificate).is_none() {
+                return Err(StateError::UnknownDefaultCertificate {
+                    address,
+                    reference: next.default_certificate,
+                });
+            }
         }
         let target = format!("listener {address}");
         if next == *current {
@@ -1112,19 +1356,74 @@ impl State {
         }
         let mut c = c.clone();
         c.address = address.clone();
-        c.names = c.names.iter().filter_map(|n| canonical_hostname(n).ok()).collect();
+        // Named here, from the certificate itself when the request names nothing, so that the
+        // supervisor, every worker, every dump, diff and hash hold the same names.
+        c.names = if c.names.is_empty() {
+            certificate_names(&c.certificate)?
+        } else {
+            c.names.iter().filter_map(|n| canonical_hostname(n).ok()).collect()
+        };
         self.certificates.insert(key, c);
         self.reference(&address, None, 1);
         Ok(Change::Added(format!("certificate {fingerprint} on {address}")))
     }
 
+    /// The fingerprint of the certificate that a listener's `default_certificate` reference
+    /// (canonical: a fingerprint or a lower-case server name) names among the listener's
+    /// certificates: the one with that fingerprint, or the one an SNI of that name selects
+    /// (an exact name, else the most specific wildcard covering it; the first such
+    /// certificate by fingerprint when several do).
+    pub fn resolve_default(&self, address: &str, reference: &str) -> Option<&str> {
+        let mut on_listener = self
+            .certificates
+            .range((address.to_string(), String::new())..)
+            .take_while(|((a, _), _)| a == address);
+        if is_fingerprint(reference) {
+            return on_listener
+                .find(|((_, fp), _)| fp == reference)
+                .map(|((_, fp), _)| fp.as_str());
+        }
+        let mut best: Option<(usize, &str)> = None;
+        for ((_, fp), c) in on_listener {
+            for name in &c.names {
+                // An exact name ranks above every wildcard, a longer wildcard above a shorter.
+                let rank = if name == reference {
+                    usize::MAX
+                } else if name.starts_with('*') && name_covers(name, reference) {
+                    name.len()
+                } else {
+                    continue;
+                };
+                if best.is_none_or(|(r, _)| rank > r) {
+                    best = Some((rank, fp.as_str()));
+                }
+            }
+        }
+        best.map(|(_, fp)| fp)
+    }
+
     fn remove_certificate(&mut self, address: &str, fingerprint: &str) -> Result<Change, StateError> {
         let address = canonical_address(address)?;
         let key = (address.clone(), fingerprint.to_ascii_lowercase());
-        if self.certificates.remove(&key).is_none() {
+        let Some(removed) = self.certificates.remove(&key) else {
             return Err(StateError::UnknownCertificate {
                 address,
                 fingerprint: fingerprint.to_string(),
+            });
+        };
+        // The listener's default certificate stays: another certificate may serve its name.
+        if let Some(reference) = self
+            .listeners
+            .get(&address)
+            .map(|l| l.default_certificate.clone())
+            .filter(|r| !r.is_empty())
+            && self.resolve_default(&address, &reference).is_none()
+        {
+            self.certificates.insert(key.clone(), removed);
+            return Err(StateError::DefaultCertificateInUse {
+                address,
+                fingerprint: key.1,
+                reference,
             });
         }
         self.reference(&address, None, -1);
@@ -1140,13 +1439,24 @@ impl State {
                 + self.certificates.len()
                 + self.frontend_count(),
         );
-        out.extend(self.listeners.values().map(|l| request(Kind::AddListener(l.clone()))));
+        // A listener's default certificate is set once its certificates exist.
+        out.extend(
+            self.listeners
+                .values()
+                .map(|l| request(Kind::AddListener(without_default(l)))),
+        );
         out.extend(self.clusters.values().map(|c| request(Kind::AddCluster(c.clone()))));
         out.extend(self.backends.values().map(|b| request(Kind::AddBackend(b.clone()))));
         out.extend(
             self.certificates
                 .values()
                 .map(|c| request(Kind::AddCertificate(c.clone()))),
+        );
+        out.extend(
+            self.listeners
+                .values()
+                .filter(|l| !l.default_certificate.is_empty())
+                .map(set_default_request),
         );
         out.extend(
             self.http_frontends
@@ -1184,7 +1494,11 @@ impl State {
         hasher.update(b"rampart-state-v1\0");
         let mut buf = Vec::new();
         for l in self.listeners.values() {
-            item(&mut hasher, &mut buf, TAG_ADD_LISTENER, l);
+            if l.default_certificate.is_empty() {
+                item(&mut hasher, &mut buf, TAG_ADD_LISTENER, l);
+            } else {
+                item(&mut hasher, &mut buf, TAG_ADD_LISTENER, &without_default(l));
+            }
         }
         for c in self.clusters.values() {
             item(&mut hasher, &mut buf, TAG_ADD_CLUSTER, c);
@@ -1199,6 +1513,11 @@ impl State {
                 let mut keyless = c.clone();
                 keyless.key.zeroize();
                 item(&mut hasher, &mut buf, TAG_ADD_CERTIFICATE, &keyless);
+            }
+        }
+        for l in self.listeners.values().filter(|l| !l.default_certificate.is_empty()) {
+            if let Some(Kind::UpdateListener(u)) = set_default_request(l).kind {
+                item(&mut hasher, &mut buf, TAG_UPDATE_LISTENER, &u);
             }
         }
         for f in self.http_frontends.values() {
@@ -1249,7 +1568,34 @@ impl State {
                 (Some(a), Some(b)) if a.protocol != b.protocol)
         };
 
+        // Certificates the diff removes (changed, gone, or on a listener that is recreated).
+        let removed_certificates: Vec<&(String, String)> = self
+            .certificates
+            .iter()
+            .filter(|(key, c)| {
+                !target.certificates.get(*key).is_some_and(|t| same_certificate(t, c)) || recreated(&key.0)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        // A default certificate cannot be removed: a listener whose default is about to change,
+        // or to lose a certificate it may resolve to, has its default cleared first and set
+        // again once the certificates are in place.
+        let cleared: Vec<&String> = self
+            .listeners
+            .iter()
+            .filter(|(address, l)| {
+                !l.default_certificate.is_empty()
+                    && (target.listeners.get(*address) != Some(l)
+                        || recreated(address)
+                        || removed_certificates.iter().any(|(a, _)| a == *address))
+            })
+            .map(|(address, _)| address)
+            .collect();
+
         // --- removals
+        for address in &cleared {
+            out.push(clear_default_request(address));
+        }
         for (key, f) in &self.http_frontends {
             if target.http_frontends.get(key) != Some(f) || recreated(&key.address) {
                 out.push(request(Kind::RemoveHttpFrontend(f.clone())));
@@ -1265,14 +1611,11 @@ impl State {
                 out.push(request(Kind::RemoveTcpFrontend(f.clone())));
             }
         }
-        for ((address, fingerprint), c) in &self.certificates {
-            let key = (address.clone(), fingerprint.clone());
-            if !target.certificates.get(&key).is_some_and(|t| same_certificate(t, c)) || recreated(address) {
-                out.push(request(Kind::RemoveCertificate(proto::CertificateId {
-                    address: address.clone(),
-                    fingerprint: fingerprint.clone(),
-                })));
-            }
+        for (address, fingerprint) in &removed_certificates {
+            out.push(request(Kind::RemoveCertificate(proto::CertificateId {
+                address: address.clone(),
+                fingerprint: fingerprint.clone(),
+            })));
         }
         for (key, b) in &self.backends {
             if !target.clusters.contains_key(&key.0) {
@@ -1302,29 +1645,42 @@ impl State {
         }
 
         // --- additions and updates
+        let mut defaults_later = Vec::new();
         for (address, l) in &target.listeners {
-            match self.listeners.get(address) {
-                Some(current) if !recreated(address) => {
-                    let fields = listener_differences(current, l);
+            // The listener as the removals left it.
+            let current = match self.listeners.get(address) {
+                Some(_) if recreated(address) => None,
+                Some(c) if cleared.contains(&address) => Some(without_default(c)),
+                other => other.cloned(),
+            };
+            let later = !l.default_certificate.is_empty()
+                && current.as_ref().map(|c| &c.default_certificate) != Some(&l.default_certificate);
+            let first = if later { without_default(l) } else { l.clone() };
+            match &current {
+                None => out.push(request(Kind::AddListener(first))),
+                Some(current) => {
+                    let fields = listener_differences(current, &first);
                     if !fields.is_empty() {
                         out.push(request(Kind::UpdateListener(proto::ListenerUpdate {
                             address: address.clone(),
-                            listener: Some(l.clone()),
+                            listener: Some(first.clone()),
                             fields,
                         })));
                     }
-                    if current.active != l.active {
+                    if current.active != first.active {
                         let address = proto::ListenerAddress {
                             address: address.clone(),
                         };
-                        out.push(request(if l.active {
+                        out.push(request(if first.active {
                             Kind::ActivateListener(address)
                         } else {
                             Kind::DeactivateListener(address)
                         }));
                     }
                 }
-                _ => out.push(request(Kind::AddListener(l.clone()))),
+            }
+            if later {
+                defaults_later.push(set_default_request(l));
             }
         }
         for (id, c) in &target.clusters {
@@ -1343,6 +1699,7 @@ impl State {
                 out.push(request(Kind::AddCertificate(c.clone())));
             }
         }
+        out.extend(defaults_later);
         for (key, f) in &target.http_frontends {
             if self.http_frontends.get(key) != Some(f) || recreated(&key.address) {
                 out.push(request(Kind::AddHttpFrontend(f.clone())));

@@ -147,9 +147,56 @@ fn universe_request() -> impl Strategy<Value = proto::Request> {
                 }))
             }
         }),
-        l.prop_map(|l| req(Kind::DeactivateListener(proto::ListenerAddress {
-            address: LISTENERS[l].into()
-        }))),
+        l.clone()
+            .prop_map(|l| req(Kind::DeactivateListener(proto::ListenerAddress {
+                address: LISTENERS[l].into()
+            }))),
+        // HTTPS listeners with a default certificate (by fingerprint or by name) or strict SNI.
+        (l.clone(), 0..5u8, any::<bool>()).prop_map(|(l, v, active)| {
+            let (default_certificate, strict_sni) = match v {
+                0..=2 => (
+                    certificate_fingerprint(&cert(LISTENERS[l], v).certificate).unwrap(),
+                    false,
+                ),
+                3 => ("A.com".to_string(), false),
+                _ => (String::new(), true),
+            };
+            if active {
+                // A new HTTPS listener (refused where one exists) ...
+                req(Kind::AddListener(proto::Listener {
+                    address: LISTENERS[l].into(),
+                    protocol: proto::Protocol::Https as i32,
+                    active,
+                    default_certificate,
+                    strict_sni,
+                    tls_handshake_timeout_ms: u32::from(v) * 500,
+                    ..Default::default()
+                }))
+            } else {
+                // ... or these settings changed on an existing one.
+                req(Kind::UpdateListener(proto::ListenerUpdate {
+                    address: LISTENERS[l].into(),
+                    listener: Some(proto::Listener {
+                        default_certificate,
+                        strict_sni,
+                        tls_handshake_timeout_ms: u32::from(v) * 500,
+                        ..Default::default()
+                    }),
+                    fields: vec![
+                        "default_certificate".into(),
+                        "strict_sni".into(),
+                        "tls_handshake_timeout_ms".into(),
+                    ],
+                }))
+            }
+        }),
+        (l, 0..3u8, 0..3u8).prop_map(|(l, old, new)| {
+            req(Kind::ReplaceCertificate(proto::ReplaceCertificate {
+                address: LISTENERS[l].into(),
+                old_fingerprint: certificate_fingerprint(&cert(LISTENERS[l], old).certificate).unwrap(),
+                new_certificate: Some(cert(LISTENERS[l], new)),
+            }))
+        }),
     ]
 }
 
@@ -159,38 +206,58 @@ fn arb_state() -> impl Strategy<Value = State> {
     let setup = (
         proptest::collection::vec(proptest::option::of(0..3i32), LISTENERS.len()),
         proptest::collection::vec(any::<bool>(), CLUSTERS.len()),
+        proptest::collection::vec(0..3u8, LISTENERS.len()),
     );
-    (setup, proptest::collection::vec(universe_request(), 0..60)).prop_map(|((protocols, clusters), random)| {
-        let mut requests = Vec::new();
-        for (l, p) in protocols.iter().enumerate() {
-            if let Some(p) = p {
-                requests.push(req(Kind::AddListener(proto::Listener {
-                    address: LISTENERS[l].into(),
-                    protocol: *p,
-                    active: true,
-                    ..Default::default()
-                })));
+    (setup, proptest::collection::vec(universe_request(), 0..72)).prop_map(
+        |((protocols, clusters, defaults), random)| {
+            let mut requests = Vec::new();
+            for (l, p) in protocols.iter().enumerate() {
+                if let Some(p) = p {
+                    requests.push(req(Kind::AddListener(proto::Listener {
+                        address: LISTENERS[l].into(),
+                        protocol: *p,
+                        active: true,
+                        ..Default::default()
+                    })));
+                    // Some HTTPS listeners start with a certificate that is their default.
+                    if *p == proto::Protocol::Https as i32 && defaults[l] > 0 {
+                        let c = cert(LISTENERS[l], defaults[l]);
+                        let default_certificate = if defaults[l] == 1 {
+                            certificate_fingerprint(&c.certificate).unwrap()
+                        } else {
+                            "a.com".into()
+                        };
+                        requests.push(req(Kind::AddCertificate(c)));
+                        requests.push(req(Kind::AddListener(proto::Listener {
+                            address: LISTENERS[l].into(),
+                            protocol: *p,
+                            active: true,
+                            default_certificate,
+                            ..Default::default()
+                        })));
+                    }
+                }
             }
-        }
-        for (c, present) in clusters.iter().enumerate() {
-            if *present {
-                requests.push(req(Kind::AddCluster(proto::Cluster {
-                    cluster_id: CLUSTERS[c].into(),
-                    ..Default::default()
-                })));
+            for (c, present) in clusters.iter().enumerate() {
+                if *present {
+                    requests.push(req(Kind::AddCluster(proto::Cluster {
+                        cluster_id: CLUSTERS[c].into(),
+                        ..Default::default()
+                    })));
+                }
             }
-        }
-        requests.extend(random);
-        let mut state = State::new();
-        for r in &requests {
-            let before = state.clone();
-            if state.apply(r).is_err() {
-                // A refused request leaves the state untouched.
-                assert_eq!(state, before);
+            requests.extend(random);
+            let mut state = State::new();
+            for r in &requests {
+                let before = state.clone();
+                if state.apply(r).is_err() {
+                    // A refused request leaves the state untouched.
+                    assert_eq!(state, before);
+                }
             }
-        }
-        state
-    })
+            state
+        },
+    )
 }
 
 proptest! {
@@ -260,7 +327,7 @@ fn arb_listener() -> impl Strategy<Value = proto::Listener> {
             |(address, protocol, public_address, active, t, answers, cipher_suites)| proto::Listener {
                 address,
                 protocol,
-                public_address,
+                public_address: public_address.clone(),
                 expect_proxy_protocol: active,
                 send_proxy_protocol: !active,
                 client_idle_timeout_ms: t,
@@ -270,6 +337,9 @@ fn arb_listener() -> impl Strategy<Value = proto::Listener> {
                 answers,
                 tls_min_version: "1.2".into(),
                 groups: cipher_suites.iter().rev().cloned().collect(),
+                default_certificate: public_address.clone(),
+                strict_sni: !active,
+                tls_handshake_timeout_ms: t / 5,
                 cipher_suites,
                 active,
             },
@@ -757,6 +827,7 @@ fn the_state_strategy_reaches_every_collection() {
     let mut runner = TestRunner::deterministic();
     let strategy = arb_state();
     let (mut http, mut https, mut tcp, mut certs, mut backends) = (0, 0, 0, 0, 0);
+    let mut defaults = 0;
     for _ in 0..300 {
         let s = strategy.new_tree(&mut runner).unwrap().current();
         http += s.http_frontends().count();
@@ -764,6 +835,11 @@ fn the_state_strategy_reaches_every_collection() {
         tcp += s.tcp_frontends().count();
         certs += s.certificate_count();
         backends += s.backend_count();
+        defaults += s
+            .listeners()
+            .values()
+            .filter(|l| !l.default_certificate.is_empty())
+            .count();
     }
     for (name, n) in [
         ("http", http),
@@ -771,6 +847,7 @@ fn the_state_strategy_reaches_every_collection() {
         ("tcp", tcp),
         ("certificates", certs),
         ("backends", backends),
+        ("default certificates", defaults),
     ] {
         assert!(n >= 20, "only {n} {name} over 300 generated states");
     }
@@ -994,4 +1071,262 @@ fn settings_nothing_enforces_are_refused_by_name() {
         err.to_string().contains("active health checks is not supported"),
         "{err}"
     );
+}
+
+const SAN_PEM: &str = include_str!("testdata/san.pem");
+const CN_ONLY_PEM: &str = include_str!("testdata/cn-only.pem");
+const IP_ONLY_PEM: &str = include_str!("testdata/ip-only.pem");
+
+fn keyless_certificate(pem: &str, names: &[&str]) -> proto::Certificate {
+    proto::Certificate {
+        address: "127.0.0.1:443".into(),
+        certificate: pem.into(),
+        chain: vec![],
+        key: String::new(),
+        names: names.iter().map(|n| n.to_string()).collect(),
+    }
+}
+
+/// A certificate added without names serves the DNS names of its subjectAltName (lower-cased,
+/// each once, IP addresses left out), or its subject's common name when it has no
+/// subjectAltName; the names are in the state itself, so its dump and hash carry them.
+#[test]
+fn a_certificate_without_names_is_named_by_itself() {
+    assert_eq!(
+        certificate_names(SAN_PEM).unwrap(),
+        vec!["shop.example", "*.shop.example"],
+        "the common name is ignored when there is a subjectAltName"
+    );
+    assert_eq!(certificate_names(CN_ONLY_PEM).unwrap(), vec!["legacy.example"]);
+    let err = certificate_names(IP_ONLY_PEM).unwrap_err();
+    assert!(matches!(err, StateError::CertificateWithoutNames { .. }), "{err}");
+    assert!(err.to_string().contains("only an IP address"), "{err}");
+    assert!(err.to_string().contains("--name"), "{err}");
+
+    let mut state = base();
+    state.keys_elsewhere = true;
+    state
+        .apply(&req(Kind::AddCertificate(keyless_certificate(SAN_PEM, &[]))))
+        .unwrap();
+    let (_, stored) = state.certificates().next().unwrap();
+    assert_eq!(stored.names, vec!["shop.example", "*.shop.example"]);
+    // Given names win over the certificate's.
+    state
+        .apply(&req(Kind::AddCertificate(keyless_certificate(
+            CN_ONLY_PEM,
+            &["Other.Example"],
+        ))))
+        .unwrap();
+    let names: Vec<Vec<String>> = state.certificates().map(|(_, c)| c.names.clone()).collect();
+    assert!(names.contains(&vec!["other.example".to_string()]), "{names:?}");
+    // The same request applied elsewhere (a worker) names it the same: same hash.
+    let mut other = base();
+    other.keys_elsewhere = true;
+    for (_, c) in state.certificates() {
+        let names = if c.certificate == SAN_PEM {
+            Vec::new()
+        } else {
+            c.names.clone()
+        };
+        let request = proto::Certificate { names, ..c.clone() };
+        other.apply(&req(Kind::AddCertificate(request))).unwrap();
+    }
+    assert_eq!(other.hash(), state.hash());
+    let err = refused(&state, Kind::AddCertificate(keyless_certificate(IP_ONLY_PEM, &[])));
+    assert!(matches!(err, StateError::CertificateWithoutNames { .. }), "{err}");
+    let garbage = pem("CERTIFICATE", &[0x30, 0x03, 1, 2, 3]);
+    let err = refused(&state, Kind::AddCertificate(keyless_certificate(&garbage, &[])));
+    assert!(err.to_string().contains("not valid X.509"), "{err}");
+}
+
+#[test]
+fn wildcards_cover_the_names_under_them() {
+    assert!(name_covers("a.example", "A.Example."));
+    assert!(name_covers("*.example", "a.example"));
+    assert!(name_covers("*.example", "a.b.example"));
+    assert!(!name_covers("*.example", "example"));
+    assert!(!name_covers("*.example", ".example"));
+    assert!(!name_covers("*.example", "aexample"));
+    assert!(!name_covers("a.example", "b.example"));
+    assert!(name_covers("*.example", "*.example"));
+}
+
+/// The HTTPS listener of `base()` with these two settings changed.
+fn https_listener(default_certificate: &str, strict_sni: bool) -> Kind {
+    Kind::UpdateListener(proto::ListenerUpdate {
+        address: "127.0.0.1:443".into(),
+        listener: Some(proto::Listener {
+            default_certificate: default_certificate.into(),
+            strict_sni,
+            ..Default::default()
+        }),
+        fields: vec!["default_certificate".into(), "strict_sni".into()],
+    })
+}
+
+fn named_cert(variant: u8, names: &[&str]) -> proto::Certificate {
+    proto::Certificate {
+        names: names.iter().map(|n| n.to_string()).collect(),
+        ..cert("127.0.0.1:443", variant)
+    }
+}
+
+/// A listener's default certificate names one of its certificates, by fingerprint or by a name
+/// it serves; that certificate cannot be removed while it is the default, and replacing it keeps
+/// the default (a fingerprint moves to the new certificate).
+#[test]
+fn a_default_certificate_is_one_of_the_listener_and_stays_one() {
+    let mut s = base();
+    let a = named_cert(1, &["a.com"]);
+    let fp_a = certificate_fingerprint(&a.certificate).unwrap();
+    let err = refused(&s, https_listener(&fp_a, false));
+    assert!(
+        matches!(&err, StateError::UnknownDefaultCertificate { reference, .. } if *reference == fp_a),
+        "{err}"
+    );
+    assert!(err.to_string().contains("add the certificate first"), "{err}");
+    s.apply(&req(Kind::AddCertificate(a))).unwrap();
+    s.apply(&req(https_listener(&fp_a.to_ascii_uppercase(), false)))
+        .unwrap();
+    assert_eq!(
+        s.listeners()["127.0.0.1:443"].default_certificate,
+        fp_a,
+        "stored canonical"
+    );
+    let remove_a = Kind::RemoveCertificate(proto::CertificateId {
+        address: "127.0.0.1:443".into(),
+        fingerprint: fp_a.clone(),
+    });
+    let err = refused(&s, remove_a.clone());
+    assert!(matches!(err, StateError::DefaultCertificateInUse { .. }), "{err}");
+    assert!(err.to_string().contains("set another default_certificate"), "{err}");
+
+    // Replaced: the default follows the fingerprint to the new certificate.
+    let b = named_cert(2, &["a.com"]);
+    let fp_b = certificate_fingerprint(&b.certificate).unwrap();
+    s.apply(&req(Kind::ReplaceCertificate(proto::ReplaceCertificate {
+        address: "127.0.0.1:443".into(),
+        old_fingerprint: fp_a.clone(),
+        new_certificate: Some(b),
+    })))
+    .unwrap();
+    assert_eq!(s.listeners()["127.0.0.1:443"].default_certificate, fp_b);
+    assert_eq!(s.resolve_default("127.0.0.1:443", &fp_b), Some(fp_b.as_str()));
+
+    // By name: any certificate serving the name keeps it; the last one cannot go.
+    s.apply(&req(Kind::AddCertificate(named_cert(3, &["*.com"])))).unwrap();
+    s.apply(&req(https_listener("A.Com", false))).unwrap();
+    assert_eq!(
+        s.resolve_default("127.0.0.1:443", "a.com"),
+        Some(fp_b.as_str()),
+        "exact before wildcard"
+    );
+    s.apply(&req(Kind::RemoveCertificate(proto::CertificateId {
+        address: "127.0.0.1:443".into(),
+        fingerprint: fp_b.clone(),
+    })))
+    .unwrap();
+    let fp_w = certificate_fingerprint(&cert("127.0.0.1:443", 3).certificate).unwrap();
+    assert_eq!(
+        s.resolve_default("127.0.0.1:443", "a.com"),
+        Some(fp_w.as_str()),
+        "the wildcard serves it now"
+    );
+    let err = refused(
+        &s,
+        Kind::RemoveCertificate(proto::CertificateId {
+            address: "127.0.0.1:443".into(),
+            fingerprint: fp_w.clone(),
+        }),
+    );
+    assert!(matches!(err, StateError::DefaultCertificateInUse { .. }), "{err}");
+    // A replacement that does not serve the name is refused whole.
+    let err = refused(
+        &s,
+        Kind::ReplaceCertificate(proto::ReplaceCertificate {
+            address: "127.0.0.1:443".into(),
+            old_fingerprint: fp_w.clone(),
+            new_certificate: Some(named_cert(4, &["b.org"])),
+        }),
+    );
+    assert!(matches!(err, StateError::UnknownDefaultCertificate { .. }), "{err}");
+
+    // A dump rebuilds it: the listener's default is set after its certificates.
+    let mut saved = Vec::new();
+    s.save(&mut saved).unwrap();
+    let loaded = State::load(saved.as_slice()).unwrap();
+    assert_eq!(loaded, s);
+    assert_eq!(loaded.hash(), s.hash());
+    // And a diff to a state without it clears the default before removing the certificate.
+    let mut without = base();
+    without.apply(&req(https_listener("", false))).unwrap();
+    let mut t = s.clone();
+    for r in s.diff(&without) {
+        t.apply(&r).unwrap();
+    }
+    assert_eq!(t, without);
+}
+
+#[test]
+fn tls_listener_settings_are_checked() {
+    let s = base();
+    let cases = [
+        (https_listener("a.com", true), "default_certificate", "strict_sni"),
+        (
+            https_listener("not a name", false),
+            "default_certificate",
+            "fingerprint",
+        ),
+        (
+            Kind::AddListener(proto::Listener {
+                address: "127.0.0.1:80".into(),
+                protocol: proto::Protocol::Http as i32,
+                strict_sni: true,
+                ..Default::default()
+            }),
+            "strict_sni",
+            "only HTTPS",
+        ),
+        (
+            Kind::AddListener(proto::Listener {
+                address: "127.0.0.1:80".into(),
+                protocol: proto::Protocol::Http as i32,
+                default_certificate: "a.com".into(),
+                ..Default::default()
+            }),
+            "default_certificate",
+            "only HTTPS",
+        ),
+        (
+            Kind::AddListener(proto::Listener {
+                address: "127.0.0.1:5432".into(),
+                protocol: proto::Protocol::Tcp as i32,
+                tls_handshake_timeout_ms: 1000,
+                ..Default::default()
+            }),
+            "tls_handshake_timeout_ms",
+            "only HTTPS",
+        ),
+        (
+            Kind::AddListener(proto::Listener {
+                address: "127.0.0.1:443".into(),
+                protocol: proto::Protocol::Https as i32,
+                tls_handshake_timeout_ms: MAX_TLS_HANDSHAKE_TIMEOUT_MS + 1,
+                ..Default::default()
+            }),
+            "tls_handshake_timeout_ms",
+            "use 1 to",
+        ),
+    ];
+    for (kind, field, reason) in cases {
+        let err = refused(&s, kind);
+        assert!(
+            matches!(&err, StateError::InvalidValue { field: f, .. } if *f == field),
+            "{field}: {err}"
+        );
+        assert!(err.to_string().contains(reason), "{err}");
+    }
+    let mut ok = s.clone();
+    ok.apply(&req(https_listener("", true))).unwrap();
+    assert!(ok.listeners()["127.0.0.1:443"].strict_sni);
 }

@@ -506,6 +506,18 @@ pub struct ListenerFields {
     /// for each code.
     #[arg(long = "answer", value_name = "CODE=FILE")]
     pub answers: Vec<String>,
+    /// HTTPS: close a connection whose TLS handshake is not complete after this many
+    /// milliseconds (0: the global timeouts.tls_handshake).
+    #[arg(long, value_name = "MS")]
+    pub tls_handshake_timeout_ms: Option<u32>,
+    /// HTTPS: the certificate served when the SNI names none of the listener's certificates
+    /// (its fingerprint, or a server name one of them serves; empty: the first by name).
+    #[arg(long, value_name = "FINGERPRINT|NAME")]
+    pub default_certificate: Option<String>,
+    /// HTTPS: refuse a handshake whose SNI names no certificate, or that has no SNI, with the
+    /// alert unrecognized_name instead of serving a default (`--strict-sni false` turns it off).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub strict_sni: Option<bool>,
 }
 
 impl ListenerFields {
@@ -553,6 +565,14 @@ impl ListenerFields {
             l.groups = list(v);
         }
         set("groups", self.groups.is_some());
+        l.tls_handshake_timeout_ms = self.tls_handshake_timeout_ms.unwrap_or(0);
+        set("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms.is_some());
+        if let Some(v) = &self.default_certificate {
+            l.default_certificate.clone_from(v);
+        }
+        set("default_certificate", self.default_certificate.is_some());
+        l.strict_sni = self.strict_sni.unwrap_or(false);
+        set("strict_sni", self.strict_sni.is_some());
         for answer in &self.answers {
             let Some((code, file)) = answer.split_once('=') else {
                 return Err(ClientError::Argument {
@@ -1293,13 +1313,36 @@ fn render_frontends(list: &proto::FrontendList) -> String {
 }
 
 fn render_listeners(list: &proto::ListenerList) -> String {
-    let mut table = Table::new(&["ADDRESS", "PROTOCOL", "STATE", "PUBLIC ADDRESS"]);
+    let mut table = Table::new(&[
+        "ADDRESS",
+        "PROTOCOL",
+        "STATE",
+        "PUBLIC ADDRESS",
+        "DEFAULT CERTIFICATE",
+        "STRICT SNI",
+        "TLS HANDSHAKE",
+    ]);
     for l in &list.listeners {
+        let https = l.protocol == proto::Protocol::Https as i32;
+        let tls = |value: String| if https { value } else { "-".to_string() };
         table.push(vec![
             l.address.clone(),
             protocol_name(l.protocol),
             if l.active { "active" } else { "inactive" }.to_string(),
             or_dash(&l.public_address),
+            tls(if l.strict_sni {
+                "none (strict)".to_string()
+            } else if l.default_certificate.is_empty() {
+                "first name".to_string()
+            } else {
+                l.default_certificate.clone()
+            }),
+            tls(yes_no(l.strict_sni)),
+            tls(if l.tls_handshake_timeout_ms == 0 {
+                "default".to_string()
+            } else {
+                format!("{} ms", l.tls_handshake_timeout_ms)
+            }),
         ]);
     }
     table.render_or("no listeners")
@@ -1459,6 +1502,15 @@ fn describe(request: &Request) -> String {
                 if !l.public_address.is_empty() {
                     let _ = write!(text, " public {}", l.public_address);
                 }
+                if !l.default_certificate.is_empty() {
+                    let _ = write!(text, " default_certificate {}", l.default_certificate);
+                }
+                if l.strict_sni {
+                    text.push_str(" strict_sni");
+                }
+                if l.tls_handshake_timeout_ms != 0 {
+                    let _ = write!(text, " tls_handshake {} ms", l.tls_handshake_timeout_ms);
+                }
                 text
             }
             Kind::RemoveListener(l) | Kind::ActivateListener(l) | Kind::DeactivateListener(l) => l.address.clone(),
@@ -1476,6 +1528,9 @@ fn describe(request: &Request) -> String {
                         "tls_min_version" => format!("{f}={}", l.tls_min_version),
                         "cipher_suites" => format!("{f}={}", l.cipher_suites.join(":")),
                         "groups" => format!("{f}={}", l.groups.join(":")),
+                        "tls_handshake_timeout_ms" => format!("{f}={}", l.tls_handshake_timeout_ms),
+                        "default_certificate" => format!("{f}={}", l.default_certificate),
+                        "strict_sni" => format!("{f}={}", l.strict_sni),
                         other => other.to_string(),
                     })
                     .collect();
@@ -1696,6 +1751,30 @@ mod tests {
             if l.protocol == proto::Protocol::Https as i32 && !l.active && l.public_address.is_empty()));
         let kind = kind_of(&["listener", "add", "--address", "0.0.0.0:80", "--protocol", "http"]);
         assert!(matches!(kind, Kind::AddListener(l) if l.active));
+        let kind = kind_of(&[
+            "listener",
+            "add",
+            "--address",
+            "0.0.0.0:443",
+            "--protocol",
+            "https",
+            "--default-certificate",
+            "shop.example",
+            "--tls-handshake-timeout-ms",
+            "2500",
+        ]);
+        assert!(matches!(kind, Kind::AddListener(l)
+            if l.default_certificate == "shop.example" && !l.strict_sni && l.tls_handshake_timeout_ms == 2500));
+        let kind = kind_of(&[
+            "listener",
+            "add",
+            "--address",
+            "0.0.0.0:443",
+            "--protocol",
+            "https",
+            "--strict-sni",
+        ]);
+        assert!(matches!(kind, Kind::AddListener(l) if l.strict_sni && l.default_certificate.is_empty()));
         assert!(matches!(
             kind_of(&["listener", "deactivate", "--address", "0.0.0.0:80"]),
             Kind::DeactivateListener(a) if a.address == "0.0.0.0:80"
@@ -1870,14 +1949,16 @@ http      0.0.0.0:80  shop.example  prefix /api  any     shop
                     protocol: proto::Protocol::Https as i32,
                     public_address: "203.0.113.7:443".into(),
                     active: false,
+                    default_certificate: "a.example".into(),
+                    tls_handshake_timeout_ms: 1500,
                     ..Default::default()
                 },
             ],
         };
         let expected = "\
-ADDRESS     PROTOCOL  STATE     PUBLIC ADDRESS
-0.0.0.0:80  http      active    -
-[::]:443    https     inactive  203.0.113.7:443
+ADDRESS     PROTOCOL  STATE     PUBLIC ADDRESS   DEFAULT CERTIFICATE  STRICT SNI  TLS HANDSHAKE
+0.0.0.0:80  http      active    -                -                    -           -
+[::]:443    https     inactive  203.0.113.7:443  a.example            no          1500 ms
 ";
         assert_eq!(render_listeners(&list), expected);
     }

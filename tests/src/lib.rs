@@ -421,6 +421,7 @@ pub fn raw_exchange(port: u16, bytes: &[u8], timeout: std::time::Duration) -> St
 /// when the path is `/sleep/<ms>`.
 pub struct EchoBackend {
     pub port: u16,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Method, path, headers and body length of one request.
@@ -491,13 +492,17 @@ impl EchoBackend {
     pub fn start_on(port: u16) -> EchoBackend {
         let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
         let port = listener.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&requests);
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
+                let counter = std::sync::Arc::clone(&counter);
                 std::thread::spawn(move || {
                     use std::io::Write;
                     let mut writer = stream.try_clone().unwrap();
                     let mut reader = std::io::BufReader::new(stream);
                     while let Some((method, path, headers, body)) = read_request(&mut reader) {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         if path == "/upgrade" {
                             // Switch protocols, then echo bytes back upper-cased until the client closes.
                             use std::io::Read;
@@ -538,6 +543,46 @@ impl EchoBackend {
                 });
             }
         });
-        EchoBackend { port }
+        EchoBackend { port, requests }
+    }
+
+    /// How many requests it has received.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A backend address whose connections never complete: a listening socket with a queue of one,
+/// filled, so the kernel drops every further SYN and a connect attempt hangs until its timeout
+/// (a backend that has stopped answering, without the instant refusal of a closed port).
+pub struct SilentBackend {
+    pub port: u16,
+    _listener: std::os::fd::OwnedFd,
+    _queued: Vec<std::net::TcpStream>,
+}
+
+impl SilentBackend {
+    pub fn start() -> SilentBackend {
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, getsockname, listen, socket,
+        };
+        use std::os::fd::AsRawFd;
+        let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
+        listen(&fd, Backlog::new(0).unwrap()).unwrap();
+        let port = getsockname::<SockaddrIn>(fd.as_raw_fd()).unwrap().port();
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        // Fill the accept queue (never accepted): the first connect that does not complete
+        // shows that SYNs are now dropped.
+        let mut queued = Vec::new();
+        while let Ok(s) = std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_millis(300)) {
+            queued.push(s);
+            assert!(queued.len() < 16, "the accept queue of {port} does not fill up");
+        }
+        SilentBackend {
+            port,
+            _listener: fd,
+            _queued: queued,
+        }
     }
 }

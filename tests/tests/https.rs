@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use rampart_tests::{EchoBackend, Rampart, TempDir, config_head, free_port, require_tool};
 
@@ -898,4 +899,469 @@ frontends = [ {{ address = "127.0.0.1:{port}", hostname = "a.test", certificate 
     .to_ascii_lowercase()
     .replace(':', "");
     assert!(!new_fp.contains(&old), "the old certificate is still served");
+}
+
+/// A self-signed P-256 certificate with the subject `subj` and, when given, the extension
+/// `subjectAltName=<san>`.
+fn certificate_subject(dir: &Path, stem: &str, subj: &str, san: Option<&str>) {
+    let mut command = Command::new("openssl");
+    command
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .arg("-keyout")
+        .arg(dir.join(format!("{stem}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{stem}.crt")))
+        .args(["-subj", subj]);
+    if let Some(san) = san {
+        command.args(["-addext", &format!("subjectAltName={san}")]);
+    }
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Certificates added without names serve the DNS names of their subjectAltName, or their
+/// common name when they have none; one with no usable name is refused, saying what to do;
+/// `certificate list --name` finds the certificate that serves a name, wildcards included.
+#[test]
+fn certificates_without_names_serve_the_names_they_hold() {
+    if !require_tool("certificate names", "openssl") {
+        return;
+    }
+    let certs = TempDir::new("https-names");
+    let d = certs.path();
+    certificate_subject(d, "b", "/CN=b.test", Some("DNS:b.test,DNS:www.b.test"));
+    certificate_subject(d, "wild", "/CN=ignored.test", Some("DNS:*.wild.test"));
+    certificate_subject(d, "legacy", "/CN=legacy.test", None);
+    certificate_subject(d, "ip", "/CN=ip.test", Some("IP:192.0.2.1"));
+    let port = free_port();
+    let config = format!(
+        "{head}key_isolation = false\n\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\nprotocol = \"https\"\n",
+        head = config_head(Path::new("{dir}"), 1),
+    );
+    let r = Rampart::start("https-names", &config);
+    let address = format!("127.0.0.1:{port}");
+    let file = |stem: &str, ext: &str| d.join(format!("{stem}.{ext}")).display().to_string();
+    let add = |stem: &str| {
+        r.try_ctl(&[
+            "certificate",
+            "add",
+            "--address",
+            &address,
+            "--certificate",
+            &file(stem, "crt"),
+            "--key",
+            &file(stem, "key"),
+        ])
+    };
+    for stem in ["b", "wild", "legacy"] {
+        add(stem).unwrap();
+    }
+    let refused = add("ip").unwrap_err();
+    assert!(
+        refused.contains("names no server") && refused.contains("IP address") && refused.contains("--name"),
+        "{refused}"
+    );
+    for (sni, cn) in [
+        ("b.test", "CN = b.test"),
+        ("www.b.test", "CN = b.test"),
+        ("x.wild.test", "CN = ignored.test"),
+        ("legacy.test", "CN = legacy.test"),
+    ] {
+        let served = served_cn(port, Some(sni));
+        assert!(served.contains(cn), "SNI {sni}: {served}");
+    }
+    let listed = |name: &str| -> Vec<serde_json::Value> {
+        let list: serde_json::Value =
+            serde_json::from_str(&r.ctl(&["certificate", "list", "--name", name, "--json"])).unwrap();
+        list["content"]["certificates"]["certificates"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let all: serde_json::Value = serde_json::from_str(&r.ctl(&["certificate", "list", "--json"])).unwrap();
+    assert_eq!(
+        all["content"]["certificates"]["certificates"].as_array().unwrap().len(),
+        3
+    );
+    let www = listed("www.b.test");
+    assert_eq!(www.len(), 1, "{www:?}");
+    assert_eq!(www[0]["names"], serde_json::json!(["b.test", "www.b.test"]));
+    let wild = listed("deep.x.wild.test");
+    assert_eq!(wild.len(), 1, "{wild:?}");
+    assert_eq!(wild[0]["names"], serde_json::json!(["*.wild.test"]));
+    assert!(listed("nothing.test").is_empty());
+    let table = r.ctl(&["certificate", "list", "--name", "legacy.test"]);
+    assert!(table.contains("legacy.test") && !table.contains("b.test"), "{table}");
+}
+
+/// `openssl s_client` output (stdout and stderr) for a handshake with `servername` (None: no
+/// SNI), and whether it succeeded.
+fn s_client(port: u16, servername: Option<&str>) -> (bool, String) {
+    let mut args = vec!["s_client".to_string(), "-connect".into(), format!("127.0.0.1:{port}")];
+    match servername {
+        Some(n) => args.extend(["-servername".into(), n.to_string()]),
+        None => args.push("-noservername".into()),
+    }
+    let out = Command::new("openssl")
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (text.contains("subject="), text)
+}
+
+/// A strict listener refuses a handshake whose SNI names no certificate, or that has none, with
+/// the alert unrecognized_name; a listener's default_certificate (a name, then a fingerprint set
+/// at runtime) is what an unknown SNI gets, and cannot be removed while it is the default.
+#[test]
+fn strict_sni_and_default_certificates() {
+    if !require_tool("strict sni", "openssl") {
+        return;
+    }
+    let certs = TempDir::new("https-strict");
+    let d = certs.path();
+    certificate(d, "a", "a.example");
+    certificate(d, "b", "b.example");
+    let echo = EchoBackend::start();
+    let (strict, lenient) = (free_port(), free_port());
+    let file = |stem: &str, ext: &str| d.join(format!("{stem}.{ext}")).display().to_string();
+    let frontend = |port: u16, host: &str, stem: &str| {
+        format!(
+            "{{ address = \"127.0.0.1:{port}\", hostname = \"{host}\", certificate = \"{}\", key = \"{}\" }}",
+            file(stem, "crt"),
+            file(stem, "key")
+        )
+    };
+    let config = format!(
+        r#"{head}
+[[listeners]]
+address = "127.0.0.1:{strict}"
+protocol = "https"
+strict_sni = true
+
+[[listeners]]
+address = "127.0.0.1:{lenient}"
+protocol = "https"
+default_certificate = "b.example"
+
+[clusters.site]
+backends = [ {{ address = "127.0.0.1:{e}" }} ]
+frontends = [ {sa}, {la}, {lb} ]
+"#,
+        head = config_head(Path::new("{dir}"), 1),
+        e = echo.port,
+        sa = frontend(strict, "a.example", "a"),
+        la = frontend(lenient, "a.example", "a"),
+        lb = frontend(lenient, "b.example", "b"),
+    );
+    let r = Rampart::start("https-strict", &config);
+
+    let (ok, text) = s_client(strict, Some("a.example"));
+    assert!(ok && text.contains("CN = a.example"), "{text}");
+    for sni in [Some("unknown.example"), None] {
+        let (ok, text) = s_client(strict, sni);
+        assert!(!ok, "SNI {sni:?} was served on a strict listener:\n{text}");
+        assert!(
+            text.contains("unrecognized name") && text.contains("alert number 112"),
+            "SNI {sni:?}: not refused with unrecognized_name:\n{text}"
+        );
+    }
+
+    // Without default_certificate, a.example (first name) would be the default.
+    for sni in [Some("unknown.example"), None] {
+        let (ok, text) = s_client(lenient, sni);
+        assert!(ok && text.contains("CN = b.example"), "SNI {sni:?}:\n{text}");
+    }
+    let (_, text) = s_client(lenient, Some("a.example"));
+    assert!(text.contains("CN = a.example"), "{text}");
+
+    // The listener list shows both settings, in its table and its JSON.
+    let table = r.ctl(&["listener", "list"]);
+    assert!(
+        table.contains("DEFAULT CERTIFICATE") && table.contains("b.example"),
+        "{table}"
+    );
+    assert!(table.contains("none (strict)"), "{table}");
+    let list: serde_json::Value = serde_json::from_str(&r.ctl(&["listener", "list", "--json"])).unwrap();
+    let listeners = list["content"]["listeners"]["listeners"].as_array().unwrap().clone();
+    let of = |port: u16| {
+        listeners
+            .iter()
+            .find(|l| l["address"] == format!("127.0.0.1:{port}"))
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(of(strict)["strict_sni"], true);
+    assert_eq!(of(lenient)["default_certificate"], "b.example");
+
+    // At runtime, by fingerprint: a.example's certificate becomes the default.
+    let fingerprint_of = |name: &str| {
+        let list: serde_json::Value = serde_json::from_str(&r.ctl(&[
+            "certificate",
+            "list",
+            "--address",
+            &format!("127.0.0.1:{lenient}"),
+            "--name",
+            name,
+            "--json",
+        ]))
+        .unwrap();
+        list["content"]["certificates"]["certificates"][0]["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let a = fingerprint_of("a.example");
+    let address = format!("127.0.0.1:{lenient}");
+    let refused = r
+        .try_ctl(&["listener", "update", &address, "--default-certificate", &"0".repeat(64)])
+        .unwrap_err();
+    assert!(refused.contains("add the certificate first"), "{refused}");
+    r.ctl(&["listener", "update", &address, "--default-certificate", &a]);
+    let (_, text) = s_client(lenient, Some("unknown.example"));
+    assert!(text.contains("CN = a.example"), "{text}");
+    let refused = r
+        .try_ctl(&["certificate", "remove", "--address", &address, "--fingerprint", &a])
+        .unwrap_err();
+    assert!(refused.contains("set another default_certificate"), "{refused}");
+    // b.example's certificate is no default: it goes.
+    r.ctl(&[
+        "certificate",
+        "remove",
+        "--address",
+        &address,
+        "--fingerprint",
+        &fingerprint_of("b.example"),
+    ]);
+    let (_, text) = s_client(lenient, Some("b.example"));
+    assert!(text.contains("CN = a.example"), "{text}");
+}
+
+/// `curl https://<sni>:<port>/` with a Host header; returns (status, body).
+fn https_host(port: u16, sni: &str, host: &str) -> (String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &format!("Host: {host}"),
+        ])
+        .args(["--resolve", &format!("{sni}:{port}:127.0.0.1")])
+        .arg(format!("https://{sni}:{port}/"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
+    (code.to_string(), body.to_string())
+}
+
+/// A tenant's certificate never fronts another tenant's site: a request whose Host the
+/// certificate chosen by the connection's SNI does not name is answered 421 and reaches no
+/// backend, also when the connection got the listener's default certificate for an unknown SNI.
+#[test]
+fn a_host_the_certificate_does_not_name_gets_421() {
+    if !require_tool("misdirected", "openssl") || !require_tool("misdirected", "curl") {
+        return;
+    }
+    let certs = TempDir::new("https-421");
+    let d = certs.path();
+    certificate(d, "a", "a.example");
+    certificate(d, "b", "b.example");
+    certificate_subject(d, "w", "/CN=w", Some("DNS:*.w.example"));
+    let (site_a, site_b) = (EchoBackend::start(), EchoBackend::start());
+    let port = free_port();
+    let file = |stem: &str, ext: &str| d.join(format!("{stem}.{ext}")).display().to_string();
+    let frontend = |host: &str, stem: &str| {
+        format!(
+            "{{ address = \"127.0.0.1:{port}\", hostname = \"{host}\", certificate = \"{}\", key = \"{}\" }}",
+            file(stem, "crt"),
+            file(stem, "key")
+        )
+    };
+    let config = format!(
+        r#"{head}
+[[listeners]]
+address = "127.0.0.1:{port}"
+protocol = "https"
+answers = {{ "421" = "not this site\n" }}
+
+[clusters.a]
+backends = [ {{ address = "127.0.0.1:{a}" }} ]
+frontends = [ {fa}, {fw} ]
+
+[clusters.b]
+backends = [ {{ address = "127.0.0.1:{b}" }} ]
+frontends = [ {fb} ]
+"#,
+        head = config_head(Path::new("{dir}"), 2),
+        a = site_a.port,
+        b = site_b.port,
+        fa = frontend("a.example", "a"),
+        fw = frontend("*.w.example", "w"),
+        fb = frontend("b.example", "b"),
+    );
+    let r = Rampart::start("https-421", &config);
+
+    assert_eq!(https_host(port, "a.example", "a.example").0, "200");
+    assert_eq!(https_host(port, "b.example", "b.example").0, "200");
+    assert_eq!(
+        https_host(port, "x.w.example", "y.w.example").0,
+        "200",
+        "under the wildcard"
+    );
+    let served_b = site_b.requests();
+    let (code, body) = https_host(port, "a.example", "b.example");
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("421", "not this site\n"),
+        "a custom answer"
+    );
+    assert_eq!(https_host(port, "a.example", "b.example:443").0, "421");
+    assert_eq!(https_host(port, "x.w.example", "b.example").0, "421");
+    // An unknown SNI gets the default certificate, here a.example's: it fronts a.example only.
+    r.ctl(&[
+        "listener",
+        "update",
+        &format!("127.0.0.1:{port}"),
+        "--default-certificate",
+        "a.example",
+    ]);
+    assert_eq!(https_host(port, "unknown.example", "b.example").0, "421");
+    assert_eq!(https_host(port, "unknown.example", "a.example").0, "200");
+    assert_eq!(site_b.requests(), served_b, "a misdirected request reached b's backend");
+}
+
+/// A client that opens a connection to an HTTPS listener and sends half a ClientHello (or
+/// nothing) is closed at the TLS handshake timeout: the listener's own (set in the file, then
+/// at runtime), else the global one; long before the idle timeout.
+#[test]
+fn a_stalled_tls_handshake_is_closed_at_the_handshake_timeout() {
+    if !require_tool("handshake timeout", "openssl") {
+        return;
+    }
+    let certs = TempDir::new("https-handshake");
+    certificate(certs.path(), "a", "a.test");
+    let echo = EchoBackend::start();
+    let (own, global) = (free_port(), free_port());
+    let frontend = |port: u16| {
+        format!(
+            "{{ address = \"127.0.0.1:{port}\", hostname = \"a.test\", certificate = \"{}\", key = \"{}\" }}",
+            certs.path().join("a.crt").display(),
+            certs.path().join("a.key").display()
+        )
+    };
+    let config = format!(
+        r#"{head}key_isolation = false
+
+[timeouts]
+client_idle = 30
+tls_handshake = 2
+
+[[listeners]]
+address = "127.0.0.1:{own}"
+protocol = "https"
+timeouts = {{ tls_handshake = 1 }}
+
+[[listeners]]
+address = "127.0.0.1:{global}"
+protocol = "https"
+
+[clusters.site]
+backends = [ {{ address = "127.0.0.1:{e}" }} ]
+frontends = [ {fo}, {fg} ]
+"#,
+        head = config_head(Path::new("{dir}"), 1),
+        e = echo.port,
+        fo = frontend(own),
+        fg = frontend(global),
+    );
+    let r = Rampart::start("https-handshake", &config);
+    // How long the listener keeps a connection that stops halfway through its ClientHello.
+    let stalled = |port: u16, bytes: &[u8]| -> Duration {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let started = Instant::now();
+        s.write_all(bytes).unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return started.elapsed(),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                    panic!("the connection was still open after 20 s")
+                }
+                Err(_) => return started.elapsed(),
+            }
+        }
+    };
+    // A TLS record header announcing a 512-byte ClientHello, and its first bytes.
+    let half_hello: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0x00];
+    let within = |elapsed: Duration, seconds: f64| {
+        let t = elapsed.as_secs_f64();
+        assert!(
+            t >= seconds - 0.1 && t < seconds + 1.0,
+            "closed after {t:.2} s, expected about {seconds} s"
+        );
+    };
+    within(stalled(own, half_hello), 1.0);
+    within(stalled(own, &[]), 1.0);
+    within(stalled(global, half_hello), 2.0);
+    // Set at runtime from the command line (`listener update` changes it in place).
+    r.ctl(&[
+        "listener",
+        "update",
+        &format!("127.0.0.1:{global}"),
+        "--tls-handshake-timeout-ms",
+        "3000",
+    ]);
+    within(stalled(global, half_hello), 3.0);
+    // A handshake that completes is not cut: the connection then waits under the idle timeout,
+    // and a request sent 2 s later (twice the handshake timeout) is served.
+    let mut client = Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("127.0.0.1:{own}"),
+            "-servername",
+            "a.test",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    {
+        use std::io::Write;
+        let stdin = client.stdin.as_mut().unwrap();
+        stdin
+            .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            .unwrap();
+    }
+    let out = client.wait_with_output().unwrap();
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "a completed handshake was cut: {reply:?}"
+    );
 }

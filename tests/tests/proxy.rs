@@ -799,3 +799,165 @@ fn state_save_dump_and_load_round_trip() {
     let hash = |t: &str| json(t)["hash"].as_str().unwrap().to_string();
     assert_eq!(hash(&before), hash(&after));
 }
+
+/// A connect in progress across a runtime change ejects the backend it was connecting to. The
+/// cluster's only backend never answers a SYN; while a request waits on it, a backend whose id
+/// sorts first is added (every backend moves one place down the list). When the connect times
+/// out, the silent backend is ejected and the request is retried on the new one; had the
+/// worker remembered the position instead of the id, it would eject the new backend and retry
+/// the silent one.
+#[test]
+fn a_connect_in_progress_across_a_change_ejects_the_backend_it_was_connecting_to() {
+    let silent = rampart_tests::SilentBackend::start();
+    let echo = EchoBackend::start();
+    let port = free_port();
+    let config = format!(
+        r#"{head}
+[sandbox]
+backend_ports = [{e}]
+
+[[listeners]]
+address = "127.0.0.1:{port}"
+timeouts = {{ backend_connect = 2 }}
+
+[clusters.shift]
+backends = [ {{ id = "m-silent", address = "127.0.0.1:{s}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "shift.test" }} ]
+"#,
+        head = config_head(std::path::Path::new("{dir}"), 1),
+        e = echo.port,
+        s = silent.port,
+    );
+    let r = Rampart::start("connect-across-change", &config);
+    let request = b"GET /first HTTP/1.1\r\nHost: shift.test\r\nConnection: close\r\n\r\n";
+    let started = Instant::now();
+    let first = std::thread::spawn(move || raw_exchange(port, request, Duration::from_secs(15)));
+    std::thread::sleep(Duration::from_millis(500));
+    r.ctl(&[
+        "backend",
+        "add",
+        "--cluster",
+        "shift",
+        "--id",
+        "a-echo",
+        "--address",
+        &format!("127.0.0.1:{}", echo.port),
+    ]);
+    let reply = first.join().unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "the request was not retried on the new backend after {:?}:\n{reply}",
+        started.elapsed()
+    );
+    assert!(reply.contains(&format!("\"port\":{}", echo.port)), "{reply}");
+    assert!(
+        started.elapsed() < Duration::from_millis(3500),
+        "one connect timeout (2 s), then the new backend: {:?}",
+        started.elapsed()
+    );
+    // The silent backend is out of rotation; the new one serves.
+    for _ in 0..3 {
+        let reply = raw_exchange(port, request, Duration::from_secs(10));
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains(&format!("\"port\":{}", echo.port)), "{reply}");
+    }
+}
+
+/// RFC 9112 §3.2: a request with more than one Host line, or an HTTP/1.1 request without Host,
+/// is answered 400 and never routed. An HTTP/1.0 request without Host is routed by its
+/// absolute-form authority, else gets 404; an absolute-form target wins over the Host header,
+/// whose value the backend sees replaced by the target's authority.
+#[test]
+fn host_header_rules() {
+    let echo = EchoBackend::start();
+    let port = free_port();
+    let config = format!(
+        r#"{head}
+[[listeners]]
+address = "127.0.0.1:{port}"
+
+[clusters.echo]
+backends = [ {{ address = "127.0.0.1:{e}" }} ]
+frontends = [ {{ address = "127.0.0.1:{port}", hostname = "echo.test" }} ]
+"#,
+        head = config_head(std::path::Path::new("{dir}"), 1),
+        e = echo.port,
+    );
+    let _r = Rampart::start("host-rules", &config);
+    let t = Duration::from_secs(5);
+    let status = |reply: &str| reply.lines().next().unwrap_or_default().to_string();
+    for (what, request) in [
+        (
+            "two Host lines",
+            &b"GET / HTTP/1.1\r\nHost: echo.test\r\nHost: other.test\r\nConnection: close\r\n\r\n"[..],
+        ),
+        (
+            "the same Host twice",
+            b"GET / HTTP/1.1\r\nHost: echo.test\r\nhost: echo.test\r\nConnection: close\r\n\r\n",
+        ),
+        ("HTTP/1.1 without Host", b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        (
+            "HTTP/1.1 absolute form without Host",
+            b"GET http://echo.test/ HTTP/1.1\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "HTTP/1.0 with two Host lines",
+            b"GET / HTTP/1.0\r\nHost: echo.test\r\nHost: echo.test\r\n\r\n",
+        ),
+    ] {
+        let reply = raw_exchange(port, request, t);
+        assert_eq!(status(&reply), "HTTP/1.1 400 Bad Request", "{what}: {reply}");
+    }
+    assert_eq!(echo.requests(), 0, "a refused request reached the backend");
+
+    let reply = raw_exchange(port, b"GET / HTTP/1.0\r\n\r\n", t);
+    assert_eq!(
+        status(&reply),
+        "HTTP/1.1 404 Not Found",
+        "HTTP/1.0 without Host: {reply}"
+    );
+    let reply = raw_exchange(port, b"GET http://echo.test/ten HTTP/1.0\r\n\r\n", t);
+    assert_eq!(status(&reply), "HTTP/1.1 200 OK", "HTTP/1.0, absolute form: {reply}");
+    let reply = raw_exchange(
+        port,
+        b"GET http://echo.test/abs HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
+        t,
+    );
+    assert_eq!(status(&reply), "HTTP/1.1 200 OK", "{reply}");
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert_eq!(json(body)["headers"]["host"], "echo.test", "{reply}");
+    assert_eq!(echo.requests(), 2);
+}
+
+/// The proxy's own answers close the connection when the client asked for it (Connection:
+/// close, or HTTP/1.0 without keep-alive), like a backend's response does.
+#[test]
+fn own_answers_close_when_the_client_asks() {
+    let port = free_port();
+    let config = format!(
+        "{head}\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n",
+        head = config_head(std::path::Path::new("{dir}"), 1),
+    );
+    let _r = Rampart::start("answers-close", &config);
+    for request in [
+        &b"GET / HTTP/1.1\r\nHost: nowhere.test\r\nConnection: close\r\n\r\n"[..],
+        b"GET / HTTP/1.0\r\nHost: nowhere.test\r\n\r\n",
+    ] {
+        let started = Instant::now();
+        let reply = raw_exchange(port, request, Duration::from_secs(10));
+        assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+        assert!(reply.contains("Connection: close\r\n"), "{reply}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the connection stayed open after the answer ({:?})",
+            started.elapsed()
+        );
+    }
+    // Keep-alive is kept when asked for.
+    let reply = raw_exchange(
+        port,
+        b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\nGET / HTTP/1.1\r\nHost: nowhere.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert_eq!(reply.matches("HTTP/1.1 404").count(), 2, "{reply}");
+}

@@ -1,4 +1,4 @@
-//! The answers the proxy gives itself: 301, 400, 404, 408, 413, 414, 431, 502, 503, 504.
+//! The answers the proxy gives itself: 301, 400, 404, 408, 413, 414, 421, 431, 502, 503, 504.
 
 use std::collections::BTreeMap;
 
@@ -11,6 +11,7 @@ fn reason(code: u16) -> &'static str {
         408 => "Request Timeout",
         413 => "Payload Too Large",
         414 => "URI Too Long",
+        421 => "Misdirected Request",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
@@ -27,6 +28,9 @@ fn default_body(code: u16) -> &'static str {
         408 => "The request took too long to arrive.\n",
         413 => "The request body is too large.\n",
         414 => "The request line is too long.\n",
+        421 => {
+            "This connection cannot serve this site: its certificate does not name it. Connect again for this site.\n"
+        }
         431 => "The request headers are too large.\n",
         502 => "The site's server did not answer correctly.\n",
         503 => "The site has no server available right now.\n",
@@ -93,5 +97,10 @@ mod tests {
         assert!(text.ends_with("cluster down") && text.contains("Connection: close"));
         let text = String::from_utf8(render(301, true, "", Some("https://a.com/x"), None, None)).unwrap();
         assert!(text.contains("Location: https://a.com/x\r\n") && text.contains("Content-Length: 0"));
+        let text = String::from_utf8(render(421, false, "", None, None, None)).unwrap();
+        assert!(text.starts_with("HTTP/1.1 421 Misdirected Request\r\n"), "{text}");
+        custom.insert("421".to_string(), "wrong door".to_string());
+        let text = String::from_utf8(render(421, false, "", None, Some(&custom), None)).unwrap();
+        assert!(text.ends_with("\r\n\r\nwrong door"), "{text}");
     }
 }

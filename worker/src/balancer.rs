@@ -73,30 +73,40 @@ pub struct ClusterBalancer {
 const MAX_EJECTION: Duration = Duration::from_secs(60);
 
 impl ClusterBalancer {
-    /// Picks a backend index: a sticky one when asked for and usable, else by the algorithm
-    /// among available primaries, else among available backups. `exclude` lists backends
-    /// already tried for this request.
-    pub fn pick(&mut self, rng: &mut Rng, now: Instant, sticky: Option<&[u8]>, exclude: &[usize]) -> Option<usize> {
+    /// Picks a backend: a sticky one when asked for and usable, else by the algorithm among
+    /// available primaries, else among available backups. `exclude` lists the ids of backends
+    /// already tried for this request. Backends are named by id, never by position: a runtime
+    /// change reorders the list between a pick and what follows it.
+    pub fn pick(
+        &mut self,
+        rng: &mut Rng,
+        now: Instant,
+        sticky: Option<&[u8]>,
+        exclude: &[String],
+    ) -> Option<&BackendSlot> {
+        let excluded = |b: &BackendSlot| exclude.contains(&b.id);
         if let Some(id) = sticky
-            && let Some(i) = self.backends.iter().position(|b| b.id.as_bytes() == id)
-            && self.backends.get(i).is_some_and(|b| b.available(now))
-            && !exclude.contains(&i)
+            && let Some(i) = self
+                .backends
+                .iter()
+                .position(|b| b.id.as_bytes() == id && b.available(now) && !excluded(b))
         {
-            return Some(i);
+            return self.backends.get(i);
         }
         for backup in [false, true] {
-            let candidates: Vec<usize> = (0..self.backends.len())
-                .filter(|i| !exclude.contains(i))
-                .filter(|i| {
-                    self.backends
-                        .get(*i)
-                        .is_some_and(|b| b.backup == backup && b.available(now))
-                })
+            // Positions are only used within this call, on a list nothing changes meanwhile.
+            let candidates: Vec<usize> = self
+                .backends
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.backup == backup && b.available(now) && !excluded(b))
+                .map(|(i, _)| i)
                 .collect();
             if candidates.is_empty() {
                 continue;
             }
-            return Some(self.choose(rng, &candidates));
+            let chosen = self.choose(rng, &candidates);
+            return self.backends.get(chosen);
         }
         None
     }
@@ -166,21 +176,28 @@ impl ClusterBalancer {
         }
     }
 
-    /// A connection to backend `i` failed: eject it with exponential backoff.
-    pub fn failed(&mut self, i: usize, now: Instant) {
-        if let Some(b) = self.backends.get_mut(i) {
+    /// A connection to backend `id` failed: eject it with exponential backoff.
+    pub fn failed(&mut self, id: &str, now: Instant) {
+        if let Some(b) = self.backends.iter_mut().find(|b| b.id == id) {
             b.failures = b.failures.saturating_add(1);
             let backoff = Duration::from_millis(500).saturating_mul(1 << b.failures.min(7).saturating_sub(1));
             b.ejected_until = Some(now + backoff.min(MAX_EJECTION));
         }
     }
 
-    /// A connection to backend `i` succeeded.
-    pub fn succeeded(&mut self, i: usize) {
-        if let Some(b) = self.backends.get_mut(i) {
+    /// A connection to backend `id` succeeded.
+    pub fn succeeded(&mut self, id: &str) {
+        if let Some(b) = self.backends.iter_mut().find(|b| b.id == id) {
             b.failures = 0;
             b.ejected_until = None;
         }
+    }
+
+    /// Whether backend `id` is out of rotation (ejected and not yet due back) at `now`.
+    pub fn is_ejected(&self, id: &str, now: Instant) -> bool {
+        self.backends
+            .iter()
+            .any(|b| b.id == id && b.ejected_until.is_some_and(|t| now < t))
     }
 }
 
@@ -211,7 +228,7 @@ impl Balancers {
                         active: previous.map_or(0, |p| p.active),
                         failures: previous.map_or(0, |p| p.failures),
                         ejected_until: previous.and_then(|p| p.ejected_until),
-                        current: 0,
+                        current: previous.map_or(0, |p| p.current),
                     })
                 })
                 .collect();
@@ -278,12 +295,25 @@ mod tests {
         }
     }
 
+    /// The id of the pick, as `b<position in the list>` (how `cluster` names them).
+    fn pick(
+        c: &mut ClusterBalancer,
+        rng: &mut Rng,
+        now: Instant,
+        sticky: Option<&[u8]>,
+        exclude: &[&str],
+    ) -> Option<String> {
+        let exclude: Vec<String> = exclude.iter().map(|s| s.to_string()).collect();
+        c.pick(rng, now, sticky, &exclude).map(|b| b.id.clone())
+    }
+
     fn counts(c: &mut ClusterBalancer, n: usize) -> Vec<usize> {
         let mut rng = Rng(42);
         let now = Instant::now();
         let mut counts = vec![0; c.backends.len()];
         for _ in 0..n {
-            counts[c.pick(&mut rng, now, None, &[]).unwrap()] += 1;
+            let id = pick(c, &mut rng, now, None, &[]).unwrap();
+            counts[id.trim_start_matches('b').parse::<usize>().unwrap()] += 1;
         }
         counts
     }
@@ -312,7 +342,7 @@ mod tests {
         let mut c = cluster(proto::LoadBalancing::LeastConnections, &[(100, false), (100, false)]);
         c.backends[0].active = 5;
         let mut rng = Rng(1);
-        assert_eq!(c.pick(&mut rng, Instant::now(), None, &[]), Some(1));
+        assert_eq!(pick(&mut c, &mut rng, Instant::now(), None, &[]).as_deref(), Some("b1"));
     }
 
     #[test]
@@ -320,24 +350,29 @@ mod tests {
         let mut c = cluster(proto::LoadBalancing::RoundRobin, &[(100, false), (100, true)]);
         let mut rng = Rng(1);
         let now = Instant::now();
-        assert_eq!(c.pick(&mut rng, now, None, &[]), Some(0));
-        c.failed(0, now);
-        assert_eq!(c.pick(&mut rng, now, None, &[]), Some(1), "primary ejected: backup");
+        let later = now + Duration::from_secs(1);
+        assert_eq!(pick(&mut c, &mut rng, now, None, &[]).as_deref(), Some("b0"));
+        c.failed("b0", now);
         assert_eq!(
-            c.pick(&mut rng, now + Duration::from_secs(1), None, &[]),
-            Some(0),
+            pick(&mut c, &mut rng, now, None, &[]).as_deref(),
+            Some("b1"),
+            "primary ejected: backup"
+        );
+        assert_eq!(
+            pick(&mut c, &mut rng, later, None, &[]).as_deref(),
+            Some("b0"),
             "ejection over"
         );
-        c.failed(0, now);
-        c.failed(0, now);
+        c.failed("b0", now);
+        c.failed("b0", now);
         assert_eq!(
-            c.pick(&mut rng, now + Duration::from_secs(1), None, &[]),
-            Some(1),
+            pick(&mut c, &mut rng, later, None, &[]).as_deref(),
+            Some("b1"),
             "backoff grew"
         );
-        c.succeeded(0);
-        assert_eq!(c.pick(&mut rng, now, None, &[]), Some(0));
-        assert_eq!(c.pick(&mut rng, now, None, &[0, 1]), None);
+        c.succeeded("b0");
+        assert_eq!(pick(&mut c, &mut rng, now, None, &[]).as_deref(), Some("b0"));
+        assert_eq!(pick(&mut c, &mut rng, now, None, &["b0", "b1"]), None);
     }
 
     #[test]
@@ -346,9 +381,76 @@ mod tests {
         let mut rng = Rng(1);
         let now = Instant::now();
         for _ in 0..4 {
-            assert_eq!(c.pick(&mut rng, now, Some(b"b1"), &[]), Some(1));
+            assert_eq!(pick(&mut c, &mut rng, now, Some(b"b1"), &[]).as_deref(), Some("b1"));
         }
-        c.failed(1, now);
-        assert_eq!(c.pick(&mut rng, now, Some(b"b1"), &[]), Some(0));
+        c.failed("b1", now);
+        assert_eq!(pick(&mut c, &mut rng, now, Some(b"b1"), &[]).as_deref(), Some("b0"));
+        assert_eq!(
+            pick(&mut c, &mut rng, now, Some(b"b0"), &["b0"]).as_deref(),
+            None,
+            "b1 is ejected"
+        );
+    }
+
+    fn backend_request(id: &str, port: u16) -> proto::Request {
+        proto::Request {
+            id: String::new(),
+            kind: Some(proto::request::Kind::AddBackend(proto::Backend {
+                cluster_id: "c".into(),
+                backend_id: id.into(),
+                address: format!("127.0.0.1:{port}"),
+                weight: 100,
+                backup: false,
+            })),
+        }
+    }
+
+    /// A backend added at runtime whose id sorts first moves every other backend one place down
+    /// the list: the ejected backend stays ejected, the others (the new one too) serve, and a
+    /// retry's exclusions and a connection count still name the backends they named.
+    #[test]
+    fn ejection_exclusions_and_counts_follow_ids_across_an_update() {
+        let mut state = State::new();
+        let cluster = proto::Request {
+            id: String::new(),
+            kind: Some(proto::request::Kind::AddCluster(proto::Cluster {
+                cluster_id: "c".into(),
+                load_balancing: proto::LoadBalancing::LeastConnections as i32,
+                ..Default::default()
+            })),
+        };
+        state.apply(&cluster).unwrap();
+        state.apply(&backend_request("m", 9001)).unwrap();
+        state.apply(&backend_request("z", 9002)).unwrap();
+        let mut balancers = Balancers::default();
+        balancers.update(&state);
+        let now = Instant::now();
+        let mut rng = Rng(7);
+        let c = balancers.clusters.get_mut("c").unwrap();
+        c.failed("m", now);
+        balancers.connection_opened("c", "z");
+        balancers.connection_opened("c", "z");
+        let tried = vec!["z".to_string()];
+
+        state.apply(&backend_request("a", 9000)).unwrap();
+        balancers.update(&state);
+        let c = balancers.clusters.get_mut("c").unwrap();
+        let order: Vec<&str> = c.backends.iter().map(|b| b.id.as_str()).collect();
+        assert_eq!(order, ["a", "m", "z"], "the new backend took the first place");
+        assert!(c.is_ejected("m", now), "the ejected backend is still ejected");
+        assert!(!c.is_ejected("a", now) && !c.is_ejected("z", now));
+        for _ in 0..20 {
+            let id = c.pick(&mut rng, now, None, &[]).map(|b| b.id.clone()).unwrap();
+            assert_ne!(id, "m", "an ejected backend was picked");
+        }
+        // The retry excludes what it tried, by id: z, not whatever sits where z sat.
+        let retry = c.pick(&mut rng, now, None, &tried).map(|b| b.id.clone());
+        assert_eq!(retry.as_deref(), Some("a"));
+        // Least connections counts by id: z holds two, a none.
+        assert_eq!(c.backends.iter().find(|b| b.id == "z").map(|b| b.active), Some(2));
+        assert_eq!(
+            c.pick(&mut rng, now, None, &[]).map(|b| b.id.clone()).as_deref(),
+            Some("a")
+        );
     }
 }

@@ -48,7 +48,6 @@ struct Backend {
     stream: TcpStream,
     cluster: String,
     backend_id: String,
-    index: usize,
     connected: bool,
     readable: bool,
     writable: bool,
@@ -250,13 +249,18 @@ fn header(key: &'static [u8], val: Store) -> Block {
     })
 }
 
-/// Outcome of checking a request's raw header section.
+/// Outcome of checking a request's raw header section. Besides framing (smuggling shapes,
+/// obs-fold, control characters), the Host rules of RFC 9112 §3.2: more than one Host line, or
+/// an HTTP/1.1 request with none, is a 400. (kawa moves the first Host value into the
+/// authority and blanks the header's name, so the raw bytes are where the lines are counted.)
 fn check_header_section(raw: &[u8]) -> Result<(), u16> {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or(400u16)?;
     // Every line, the last one included, ends with CRLF.
     let section = raw.get(..end + 2).ok_or(400u16)?;
     let mut lines = section.split(|b| *b == b'\n').filter(|l| !l.is_empty());
-    let _request_line = lines.next();
+    let request_line = lines.next().unwrap_or_default();
+    let http10 = request_line.trim_ascii_end().ends_with(b" HTTP/1.0");
+    let mut hosts = 0usize;
     let mut content_lengths: Vec<&[u8]> = Vec::new();
     let mut transfer_encoding = false;
     for line in lines {
@@ -277,7 +281,12 @@ fn check_header_section(raw: &[u8]) -> Result<(), u16> {
             content_lengths.push(value);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             transfer_encoding = true;
+        } else if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
         }
+    }
+    if hosts > 1 || (hosts == 0 && !http10) {
+        return Err(400);
     }
     if transfer_encoding && !content_lengths.is_empty() {
         return Err(400);
@@ -407,7 +416,9 @@ pub struct HttpSession {
     response_code: u16,
     set_cookie: Option<String>,
     cluster: Option<String>,
-    tried: Vec<usize>,
+    /// Ids of the backends this request tried (ids, not positions: a runtime change in between
+    /// reorders the cluster's list).
+    tried: Vec<String>,
     connect_timed_out: bool,
     answer: Vec<u8>,
     answer_written: usize,
@@ -415,6 +426,8 @@ pub struct HttpSession {
     /// Where the current request starts in the request buffer.
     request_start: usize,
     request_began: Option<Instant>,
+    /// The TLS handshake is not complete: the deadline is the handshake timeout.
+    handshaking: bool,
     pub deadline: Instant,
 }
 
@@ -430,7 +443,14 @@ impl HttpSession {
         now: Instant,
         timeouts: &Timeouts,
     ) -> HttpSession {
-        let idle = listener.timeouts.client_idle.unwrap_or(timeouts.client_idle);
+        let handshaking = front.in_handshake();
+        // A client that never completes its handshake gets the handshake timeout, not the
+        // (much longer) idle timeout.
+        let first_deadline = if handshaking {
+            listener.timeouts.tls_handshake.unwrap_or(timeouts.tls_handshake)
+        } else {
+            listener.timeouts.client_idle.unwrap_or(timeouts.client_idle)
+        };
         HttpSession {
             front,
             client: ClientFacts::new(peer, &listener),
@@ -455,7 +475,8 @@ impl HttpSession {
             close_after: false,
             request_start: 0,
             request_began: None,
-            deadline: now + idle,
+            handshaking,
+            deadline: now + first_deadline,
         }
     }
 
@@ -491,6 +512,9 @@ impl HttpSession {
     }
 
     fn start_answer(&mut self, ctx: &mut Context<'_>, code: u16, close: bool, location: Option<&str>) {
+        // A client that asked to close (Connection: close, or HTTP/1.0 without keep-alive) gets
+        // the connection closed after our answer too (RFC 9112 §9.6), as after a backend's.
+        let close = close || self.facts.close || (self.facts.http10 && !self.facts.keep_alive);
         let cluster_503 = self
             .cluster
             .as_ref()
@@ -524,11 +548,46 @@ impl HttpSession {
             };
             match progress {
                 Step::Progress => continue,
-                Step::Blocked => return Status::Open,
+                Step::Blocked => {
+                    self.handshake_settled(ctx);
+                    return Status::Open;
+                }
                 Step::Close => return Status::Close,
             }
         }
+        self.handshake_settled(ctx);
         Status::Open
+    }
+
+    /// Once the handshake is complete, the connection waits for its first request under the
+    /// idle timeout (a request that already began has its own deadline).
+    fn handshake_settled(&mut self, ctx: &Context<'_>) {
+        if self.handshaking && !self.front.in_handshake() {
+            self.handshaking = false;
+            if self.phase == Phase::Request && self.request_began.is_none() {
+                self.deadline = self.idle_deadline(ctx);
+            }
+        }
+    }
+
+    /// On HTTPS: whether the request's host is one the connection's certificate does not name
+    /// (exactly or under one of its wildcards), or the connection came without SNI to a strict
+    /// listener. Such a request is answered 421 and never routed.
+    fn misdirected(&self, authority: &[u8]) -> bool {
+        if !self.listener.https {
+            return false;
+        }
+        let Some((names, sni)) = self.front.served() else {
+            return true;
+        };
+        if self.listener.strict_sni && !sni {
+            return true;
+        }
+        let host = crate::router::strip_port(authority);
+        let Ok(host) = std::str::from_utf8(host) else {
+            return true;
+        };
+        !names.iter().any(|name| rampart_command::state::name_covers(name, host))
     }
 
     fn read_front(&mut self) -> Io {
@@ -643,6 +702,11 @@ impl HttpSession {
             ),
             _ => (&b""[..], &b""[..], &b""[..]),
         };
+        if self.misdirected(authority) {
+            let close = !self.req.is_terminated();
+            self.start_answer(ctx, 421, close, None);
+            return Step::Progress;
+        }
         let router = ctx.router;
         let Some(cluster_id) = router.route(&self.listener.address, authority, path, method) else {
             let close = !self.req.is_terminated();
@@ -705,7 +769,7 @@ impl HttpSession {
             return Step::Progress;
         };
         let sticky_enabled = cluster.sticky;
-        let Some(index) = cluster.pick(
+        let Some(slot) = cluster.pick(
             ctx.rng,
             ctx.now,
             if sticky_enabled { sticky.as_deref() } else { None },
@@ -722,12 +786,8 @@ impl HttpSession {
             self.start_answer(ctx, code, close, None);
             return Step::Progress;
         };
-        self.tried.push(index);
-        let Some(slot) = cluster.backends.get(index) else {
-            self.start_answer(ctx, 503, true, None);
-            return Step::Progress;
-        };
         let (address, backend_id) = (slot.address, slot.id.clone());
+        self.tried.push(backend_id.clone());
         if sticky_enabled && sticky.as_deref() != Some(backend_id.as_bytes()) {
             self.set_cookie = Some(format!("RAMPARTID={backend_id}; Path=/; HttpOnly"));
         }
@@ -738,7 +798,7 @@ impl HttpSession {
                     .register(&mut stream, self.back_token, Interest::READABLE | Interest::WRITABLE)
                     .is_err()
                 {
-                    cluster.failed(index, ctx.now);
+                    cluster.failed(&backend_id, ctx.now);
                     return Step::Progress;
                 }
                 let _ = stream.set_nodelay(true);
@@ -747,7 +807,6 @@ impl HttpSession {
                     stream,
                     cluster: cluster_id,
                     backend_id,
-                    index,
                     connected: false,
                     readable: false,
                     writable: false,
@@ -763,7 +822,7 @@ impl HttpSession {
                 Step::Progress
             }
             Err(_) => {
-                cluster.failed(index, ctx.now);
+                cluster.failed(&backend_id, ctx.now);
                 if self.tried.len() >= MAX_CONNECT_ATTEMPTS {
                     let close = !self.req.is_terminated();
                     self.start_answer(ctx, 502, close, None);
@@ -775,11 +834,10 @@ impl HttpSession {
     }
 
     fn connect_failed(&mut self, ctx: &mut Context<'_>) -> Step {
-        if let Some(b) = &self.back {
-            let (cluster, index) = (b.cluster.clone(), b.index);
-            if let Some(c) = ctx.balancers.clusters.get_mut(&cluster) {
-                c.failed(index, ctx.now);
-            }
+        if let Some(b) = &self.back
+            && let Some(c) = ctx.balancers.clusters.get_mut(&b.cluster)
+        {
+            c.failed(&b.backend_id, ctx.now);
         }
         self.drop_backend(ctx);
         if self.tried.len() >= MAX_CONNECT_ATTEMPTS {
@@ -805,9 +863,8 @@ impl HttpSession {
         match b.stream.peer_addr() {
             Ok(_) => {
                 b.connected = true;
-                let (cluster, index) = (b.cluster.clone(), b.index);
-                if let Some(c) = ctx.balancers.clusters.get_mut(&cluster) {
-                    c.succeeded(index);
+                if let Some(c) = ctx.balancers.clusters.get_mut(&b.cluster) {
+                    c.succeeded(&b.backend_id);
                 }
                 self.phase = Phase::Forward;
                 self.deadline = ctx.now
@@ -1246,5 +1303,23 @@ mod tests {
         assert_eq!(check_header_section(space_name), Err(400));
         let bare_lf = b"GET / HTTP/1.1\nHost: a\n\n";
         assert_eq!(check_header_section(bare_lf), Err(400));
+    }
+
+    #[test]
+    fn host_lines_follow_rfc_9112() {
+        let two = b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n";
+        assert_eq!(check_header_section(two), Err(400));
+        let same_twice = b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n";
+        assert_eq!(check_header_section(same_twice), Err(400));
+        let none = b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n";
+        assert_eq!(check_header_section(none), Err(400));
+        let absolute_without_host = b"GET http://a/ HTTP/1.1\r\n\r\n";
+        assert_eq!(check_header_section(absolute_without_host), Err(400));
+        let http10 = b"GET / HTTP/1.0\r\n\r\n";
+        assert_eq!(check_header_section(http10), Ok(()));
+        let http10_two = b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n";
+        assert_eq!(check_header_section(http10_two), Err(400));
+        let one = b"GET / HTTP/1.1\r\nX-Host: b\r\nHost: a\r\n\r\n";
+        assert_eq!(check_header_section(one), Ok(()));
     }
 }

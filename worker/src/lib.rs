@@ -60,6 +60,9 @@ pub struct WorkerLaunch {
     pub backend_connect_timeout: u32,
     pub backend_response_timeout: u32,
     pub shutdown_grace: u32,
+    /// Seconds for a client to complete its TLS handshake.
+    #[serde(default = "default_tls_handshake_timeout")]
+    pub tls_handshake_timeout: u32,
     /// Certificates arrive without their keys; the keyring signs.
     #[serde(default)]
     pub key_isolation: bool,
@@ -69,6 +72,10 @@ pub struct WorkerLaunch {
     pub refuse_cluster: Option<String>,
 }
 
+fn default_tls_handshake_timeout() -> u32 {
+    rampart_command::config::defaults::TLS_HANDSHAKE_TIMEOUT
+}
+
 /// Global timeouts.
 #[derive(Debug, Clone)]
 pub struct Timeouts {
@@ -76,6 +83,7 @@ pub struct Timeouts {
     pub request: Duration,
     pub backend_connect: Duration,
     pub backend_response: Duration,
+    pub tls_handshake: Duration,
 }
 
 /// A listener's own timeouts, when set.
@@ -85,6 +93,7 @@ pub struct ListenerTimeouts {
     pub request: Option<Duration>,
     pub backend_connect: Option<Duration>,
     pub backend_response: Option<Duration>,
+    pub tls_handshake: Option<Duration>,
 }
 
 /// What a session needs to know about its listener.
@@ -99,6 +108,9 @@ pub struct ListenerInfo {
     pub by: String,
     pub answers: BTreeMap<String, String>,
     pub timeouts: ListenerTimeouts,
+    /// HTTPS: a connection without SNI may carry no request (the handshake is refused anyway;
+    /// this holds for whatever reaches the HTTP layer).
+    pub strict_sni: bool,
 }
 
 fn ms(v: u32) -> Option<Duration> {
@@ -130,7 +142,9 @@ impl ListenerInfo {
                 request: ms(l.request_timeout_ms),
                 backend_connect: ms(l.backend_connect_timeout_ms),
                 backend_response: ms(l.backend_response_timeout_ms),
+                tls_handshake: ms(l.tls_handshake_timeout_ms),
             },
+            strict_sni: l.strict_sni,
         }
     }
 }
@@ -367,6 +381,7 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
             request: Duration::from_secs(u64::from(launch.request_timeout)),
             backend_connect: Duration::from_secs(u64::from(launch.backend_connect_timeout)),
             backend_response: Duration::from_secs(u64::from(launch.backend_response_timeout)),
+            tls_handshake: Duration::from_secs(u64::from(launch.tls_handshake_timeout)),
         },
         stopping: None,
         shutdown_grace: Duration::from_secs(u64::from(launch.shutdown_grace)),
@@ -839,6 +854,7 @@ impl Worker {
                                 | RequestKind::ReplaceCertificate(_)
                                 | RequestKind::RemoveCertificate(_)
                                 | RequestKind::AddListener(_)
+                                | RequestKind::UpdateListener(_)
                                 | RequestKind::Apply(_)
                         )
                     ) {

@@ -178,7 +178,7 @@ impl Router {
     }
 }
 
-fn strip_port(authority: &[u8]) -> &[u8] {
+pub(crate) fn strip_port(authority: &[u8]) -> &[u8] {
     if authority.first() == Some(&b'[') {
         // [v6]:port
         return match authority.iter().position(|b| *b == b']') {

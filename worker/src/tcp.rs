@@ -69,8 +69,7 @@ impl TcpSession {
         ctx: &mut Context<'_>,
     ) -> Option<TcpSession> {
         let balancer = ctx.balancers.clusters.get_mut(cluster)?;
-        let index = balancer.pick(ctx.rng, ctx.now, None, &[])?;
-        let slot = balancer.backends.get(index)?;
+        let slot = balancer.pick(ctx.rng, ctx.now, None, &[])?;
         let (address, backend_id) = (slot.address, slot.id.clone());
         let mut back = TcpStream::connect(address).ok()?;
         ctx.registry

@@ -1,6 +1,13 @@
 //! TLS termination with BoringSSL: one context per certificate, chosen by SNI (exact name, then
-//! the most specific `*.` wildcard, then the listener's default certificate: the one whose first
-//! name sorts first, exact names before wildcards), TLS 1.2 minimum (1.3 when the listener asks), ALPN `http/1.1`.
+//! the most specific `*.` wildcard, then the listener's default certificate: its
+//! `default_certificate`, else the one whose first name sorts first, exact names before
+//! wildcards; a `strict_sni` listener refuses the handshake with the alert unrecognized_name
+//! instead), TLS 1.2 minimum (1.3 when the listener asks), ALPN `http/1.1`.
+//!
+//! Every context carries the names of the certificate it serves, so that once a handshake is
+//! done the session knows which names its connection may carry requests for (a request for
+//! another host is answered 421, never routed: one tenant's certificate does not front another
+//! tenant's site).
 //!
 //! The contexts are rebuilt from the state when certificates change; connections keep the
 //! context they started with. Certificates arrive as PEM bytes in the state; nothing here reads
@@ -8,12 +15,12 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use boring::pkey::PKey;
 use boring::ssl::{
-    AlpnError, HandshakeError, MidHandshakeSslStream, NameType, SniError, Ssl, SslAcceptor, SslContext, SslMethod,
-    SslStream, SslVersion,
+    AlpnError, HandshakeError, MidHandshakeSslStream, NameType, SniError, Ssl, SslAcceptor, SslAlert, SslContext,
+    SslMethod, SslStream, SslVersion,
 };
 use boring::x509::X509;
 use mio::net::TcpStream;
@@ -40,7 +47,16 @@ pub struct TlsContexts {
 struct BuiltContext {
     settings: Settings,
     chain: Vec<String>,
+    names: Vec<String>,
     context: SslContext,
+}
+
+/// What a rebuild gathers about one listener.
+#[derive(Default)]
+struct PerListener<'a> {
+    names: Names,
+    first: Option<&'a proto::Certificate>,
+    configured: Option<&'a proto::Certificate>,
 }
 
 /// Certificate contexts by server name, shared with the SNI callback.
@@ -67,6 +83,14 @@ impl Names {
         }
         None
     }
+}
+
+/// The names of the certificate a context serves, attached to the context.
+type ServedNames = Arc<Vec<String>>;
+
+fn served_index() -> Option<boring::ex_data::Index<SslContext, ServedNames>> {
+    static INDEX: OnceLock<Option<boring::ex_data::Index<SslContext, ServedNames>>> = OnceLock::new();
+    *INDEX.get_or_init(|| SslContext::new_ex_index().ok())
 }
 
 fn alpn<'a>(_: &mut boring::ssl::SslRef, client: &'a [u8]) -> Result<&'a [u8], AlpnError> {
@@ -134,6 +158,8 @@ fn certificate_builder(
     keyring: &Arc<Mutex<KeyringClient>>,
 ) -> Result<boring::ssl::SslAcceptorBuilder, String> {
     let mut b = builder(settings)?;
+    let index = served_index().ok_or("no ex_data index for the served names")?;
+    b.set_ex_data(index, Arc::new(cert.names.clone()));
     let leaf = X509::from_pem(cert.certificate.as_bytes()).map_err(|e| format!("certificate: {e}"))?;
     b.set_certificate(&leaf).map_err(|e| e.to_string())?;
     for chain in &cert.chain {
@@ -169,15 +195,16 @@ impl TlsContexts {
     ) -> (TlsContexts, Vec<String>) {
         let mut errors = Vec::new();
         let mut built = HashMap::new();
-        // Per listener: the contexts by name, and the first certificate (the default).
-        let mut per_listener: HashMap<String, (Names, Option<&proto::Certificate>)> = HashMap::new();
+        // Per listener: the contexts by name, the certificate whose first name sorts first, and
+        // the one its default_certificate names (when it is usable).
+        let mut per_listener: HashMap<String, PerListener<'_>> = HashMap::new();
         for (fingerprint, cert) in state.certificates() {
             let settings = settings(state, &cert.address, ticket_key);
             let id = (cert.address.clone(), fingerprint.to_string());
             let reusable = previous
                 .built
                 .remove(&id)
-                .filter(|b| b.settings == settings && b.chain == cert.chain);
+                .filter(|b| b.settings == settings && b.chain == cert.chain && b.names == cert.names);
             let ctx = match reusable {
                 Some(b) => b.context,
                 None => match certificate_builder(cert, &settings, keyring) {
@@ -193,39 +220,67 @@ impl TlsContexts {
                 BuiltContext {
                     settings,
                     chain: cert.chain.clone(),
+                    names: cert.names.clone(),
                     context: ctx.clone(),
                 },
             );
-            let (names, default) = per_listener.entry(cert.address.clone()).or_default();
-            // The default certificate (no SNI, or an unknown name) is the one whose first name
-            // sorts first, exact names before wildcards: a rule an operator can predict.
+            let entry = per_listener.entry(cert.address.clone()).or_default();
+            // Without a default_certificate, the default (no SNI, or an unknown name) is the
+            // certificate whose first name sorts first, exact names before wildcards: a rule an
+            // operator can predict.
             let first = |c: &proto::Certificate| {
                 let name = c.names.first().cloned().unwrap_or_default();
                 (name.starts_with('*'), name)
             };
-            if default.is_none_or(|d| first(cert) < first(d)) {
-                *default = Some(cert);
+            if entry.first.is_none_or(|d| first(cert) < first(d)) {
+                entry.first = Some(cert);
+            }
+            let configured = state
+                .listeners()
+                .get(&cert.address)
+                .map(|l| l.default_certificate.as_str())
+                .filter(|r| !r.is_empty())
+                .and_then(|r| state.resolve_default(&cert.address, r));
+            if configured == Some(fingerprint) {
+                entry.configured = Some(cert);
             }
             for name in &cert.names {
                 match name.strip_prefix('*') {
-                    Some(suffix) => names.wildcard.insert(suffix.to_string(), ctx.clone()),
-                    None => names.exact.insert(name.clone(), ctx.clone()),
+                    Some(suffix) => entry.names.wildcard.insert(suffix.to_string(), ctx.clone()),
+                    None => entry.names.exact.insert(name.clone(), ctx.clone()),
                 };
             }
         }
         let mut listeners = HashMap::new();
-        for (address, (names, default)) in per_listener {
-            let Some(default_cert) = default else { continue };
-            let names = Arc::new(names);
+        for (address, entry) in per_listener {
+            let listener = state.listeners().get(&address);
+            let wants_default = listener.is_some_and(|l| !l.default_certificate.is_empty());
+            // A strict listener serves no default; nor does one whose default certificate could
+            // not be used (its error is logged): refusing is better than serving another one.
+            let refuse_unknown =
+                listener.is_some_and(|l| l.strict_sni) || (wants_default && entry.configured.is_none());
+            if wants_default && entry.configured.is_none() {
+                errors.push(format!(
+                    "listener {address}: its default_certificate cannot be served: handshakes whose SNI names no certificate are refused"
+                ));
+            }
+            let Some(default_cert) = entry.configured.or(entry.first) else {
+                continue;
+            };
+            let names = Arc::new(entry.names);
             // The listener's context serves the default certificate and, when the client names
             // a server, switches to that name's context.
             match certificate_builder(default_cert, &settings(state, &address, ticket_key), keyring) {
                 Ok(mut b) => {
                     let names = Arc::clone(&names);
-                    b.set_servername_callback(move |ssl, _alert| {
+                    b.set_servername_callback(move |ssl, alert| {
                         let found = ssl.servername(NameType::HOST_NAME).and_then(|n| names.find(n)).cloned();
                         match found {
                             Some(ctx) => ssl.set_ssl_context(&ctx).map_err(|_| SniError::ALERT_FATAL),
+                            None if refuse_unknown => {
+                                *alert = SslAlert::UNRECOGNIZED_NAME;
+                                Err(SniError::ALERT_FATAL)
+                            }
                             None => Ok(()),
                         }
                     });
@@ -283,6 +338,22 @@ impl FrontStream {
             FrontStream::Handshake(None) => None,
             FrontStream::Tls(s) => Some(s.get_mut()),
         }
+    }
+
+    /// For a TLS connection whose handshake is done: the names of the certificate it served,
+    /// and whether the client sent SNI. None for plain TCP and during the handshake.
+    pub fn served(&self) -> Option<(&[String], bool)> {
+        let FrontStream::Tls(s) = self else { return None };
+        let ssl = s.ssl();
+        let names = served_index()
+            .and_then(|i| ssl.ssl_context().ex_data(i))
+            .map_or(&[][..], |n| n.as_slice());
+        Some((names, ssl.servername(NameType::HOST_NAME).is_some()))
+    }
+
+    /// Whether the TLS handshake is still under way.
+    pub fn in_handshake(&self) -> bool {
+        matches!(self, FrontStream::Handshake(_))
     }
 
     /// Bytes already decrypted and waiting in the TLS layer: a read may return them with no

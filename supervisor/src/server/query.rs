@@ -112,6 +112,13 @@ impl Supervisor {
                     certificates: state
                         .certificates()
                         .filter(|(_, c)| filter.address.is_empty() || c.address == filter.address)
+                        // A name under a wildcard certificate finds that certificate.
+                        .filter(|(_, c)| {
+                            filter.name.is_empty()
+                                || c.names
+                                    .iter()
+                                    .any(|n| rampart_command::state::name_covers(n, &filter.name))
+                        })
                         .map(|(fp, c)| proto::CertificateSummary {
                             address: c.address.clone(),
                             fingerprint: fp.to_string(),

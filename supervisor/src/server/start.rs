@@ -106,6 +106,7 @@ impl Supervisor {
             backend_connect_timeout: config.timeouts.backend_connect,
             backend_response_timeout: config.timeouts.backend_response,
             shutdown_grace: config.timeouts.shutdown_grace,
+            tls_handshake_timeout: config.timeouts.tls_handshake,
             key_isolation: config.key_isolation,
             refuse_cluster: None,
         };
