@@ -244,3 +244,87 @@ impl Channel {
         Ok(Some(Received { message, fds }))
     }
 }
+
+/// Most bytes of an encoded request one order carries; a larger request is split into pieces
+/// (see `WorkerOrder.chunk`). Leaves room for the order's own fields within [`MAX_MESSAGE`].
+pub const ORDER_CHUNK: usize = MAX_MESSAGE - 1024;
+
+/// The channel messages that carry `request` as order `sequence`: one, or as many pieces as its
+/// encoding needs.
+pub fn order_messages(sequence: u64, request: crate::proto::Request) -> Vec<ChannelMessage> {
+    use crate::proto::WorkerOrder;
+    let order = |request, chunk, more| ChannelMessage {
+        kind: Some(Kind::Order(WorkerOrder {
+            sequence,
+            request,
+            chunk,
+            more,
+        })),
+    };
+    if request.encoded_len() <= ORDER_CHUNK {
+        return vec![order(Some(request), Vec::new(), false)];
+    }
+    let bytes = request.encode_to_vec();
+    let pieces: Vec<&[u8]> = bytes.chunks(ORDER_CHUNK).collect();
+    let last = pieces.len().saturating_sub(1);
+    pieces
+        .into_iter()
+        .enumerate()
+        .map(|(i, piece)| order(None, piece.to_vec(), i < last))
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssemblyError {
+    #[error("order {got} arrived while the pieces of order {expected} were still coming")]
+    Interleaved { expected: u64, got: u64 },
+    #[error("the pieces of order {sequence} ({len} bytes) are not a valid request: {source}")]
+    Decode {
+        sequence: u64,
+        len: usize,
+        #[source]
+        source: prost::DecodeError,
+    },
+}
+
+/// Puts orders that arrive in pieces back together (the receiving side of [`order_messages`]).
+#[derive(Debug, Default)]
+pub struct OrderAssembler {
+    pending: Option<(u64, Vec<u8>)>,
+}
+
+impl OrderAssembler {
+    /// Takes one received order; returns the whole order once its last piece arrived (an order
+    /// that came whole is returned at once).
+    pub fn push(
+        &mut self,
+        order: crate::proto::WorkerOrder,
+    ) -> Result<Option<crate::proto::WorkerOrder>, AssemblyError> {
+        if order.chunk.is_empty() && self.pending.is_none() {
+            return Ok(Some(order));
+        }
+        let (sequence, mut bytes) = self.pending.take().unwrap_or((order.sequence, Vec::new()));
+        if sequence != order.sequence {
+            return Err(AssemblyError::Interleaved {
+                expected: sequence,
+                got: order.sequence,
+            });
+        }
+        bytes.extend_from_slice(&order.chunk);
+        if order.more {
+            self.pending = Some((sequence, bytes));
+            return Ok(None);
+        }
+        let request = crate::proto::Request::decode(bytes.as_slice()).map_err(|source| AssemblyError::Decode {
+            sequence,
+            len: bytes.len(),
+            source,
+        })?;
+        Ok(Some(crate::proto::WorkerOrder {
+            sequence,
+            request: Some(request),
+            chunk: Vec::new(),
+            more: false,
+        }))
+    }
+}

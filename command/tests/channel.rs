@@ -64,7 +64,7 @@ fn main() {
         return;
     }
     let mut passed = 0;
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 5] = [
         (
             "descriptors_cross_between_processes",
             descriptors_cross_between_processes,
@@ -78,6 +78,7 @@ fn main() {
             too_many_descriptors_is_ctrunc_and_nothing_leaks,
         ),
         ("garbage_and_close_are_typed", garbage_and_close_are_typed),
+        ("a_large_order_travels_in_pieces", a_large_order_travels_in_pieces),
     ];
     for (name, test) in tests {
         test();
@@ -218,4 +219,48 @@ fn garbage_and_close_are_typed() {
     drop(a);
     assert!(b.recv().unwrap().is_none());
     assert_eq!(open_fds(), before - 1, "only the dropped end is gone");
+}
+
+/// A request too large for one datagram travels in pieces and comes back whole.
+fn a_large_order_travels_in_pieces() {
+    use rampart_command::channel::{MAX_MESSAGE, OrderAssembler, order_messages};
+    use rampart_command::proto::{self, channel_message::Kind};
+    let requests: Vec<proto::Request> = (0..5000)
+        .map(|i| proto::Request {
+            id: String::new(),
+            kind: Some(proto::request::Kind::AddCluster(proto::Cluster {
+                cluster_id: format!("cluster-{i:05}"),
+                ..Default::default()
+            })),
+        })
+        .collect();
+    let batch = proto::Request {
+        id: "big".into(),
+        kind: Some(proto::request::Kind::Apply(proto::Batch {
+            requests,
+            base_state_hash: String::new(),
+        })),
+    };
+    let messages = order_messages(7, batch.clone());
+    assert!(messages.len() > 1, "{} message(s)", messages.len());
+    let (a, b) = Channel::pair().unwrap();
+    let mut assembler = OrderAssembler::default();
+    let mut whole = None;
+    for m in &messages {
+        a.send(m, &[]).unwrap();
+        let received = b.recv().unwrap().unwrap();
+        assert!(prost::Message::encoded_len(&received.message) <= MAX_MESSAGE);
+        let Some(Kind::Order(order)) = received.message.kind else {
+            panic!()
+        };
+        if let Some(done) = assembler.push(order).unwrap() {
+            whole = Some(done);
+        }
+    }
+    let whole = whole.expect("the last piece completes the order");
+    assert_eq!(whole.sequence, 7);
+    assert_eq!(whole.request, Some(batch));
+    // A small order passes through at once.
+    let small = order_messages(8, proto::Request::default());
+    assert_eq!(small.len(), 1);
 }

@@ -15,6 +15,8 @@
 //! read_per_second = 50        # sustained rate of read-only requests
 //! read_burst = 100
 //! idle_timeout_secs = 300     # a connection silent this long is closed
+//! # max_request_bytes: the largest request frame; by default 256 MiB for admins (a whole
+//! # state), 1 MiB for other roles, 64 KiB for a uid without a role
 //!
 //! [[grant]]
 //! user = "deploy"             # or `uid = 1000`, or `group = "rampart-ops"`
@@ -215,6 +217,30 @@ pub struct Limits {
     pub read_per_second: u32,
     pub read_burst: u32,
     pub idle_timeout: Duration,
+    /// Largest request frame accepted, in bytes; `None`: [`Limits::request_bytes`] decides by
+    /// role.
+    pub max_request_bytes: Option<u64>,
+}
+
+/// Largest request of an admin by default: room for the whole state of a large platform
+/// (`apply_state` of 100,000 frontends is about 10 MiB).
+pub const ADMIN_MAX_REQUEST_BYTES: u64 = 256 * 1024 * 1024;
+/// Largest request of the other roles by default.
+pub const ROLE_MAX_REQUEST_BYTES: u64 = 1024 * 1024;
+/// Largest request of a peer without a role: it is refused whatever it sends, so what it may
+/// make the supervisor buffer stays small.
+pub const NO_ROLE_MAX_REQUEST_BYTES: u64 = 64 * 1024;
+
+impl Limits {
+    /// The largest request frame a peer with `role` may send.
+    pub fn request_bytes(&self, role: Option<Role>) -> usize {
+        let bytes = self.max_request_bytes.unwrap_or(match role {
+            Some(Role::Admin) => ADMIN_MAX_REQUEST_BYTES,
+            Some(_) => ROLE_MAX_REQUEST_BYTES,
+            None => NO_ROLE_MAX_REQUEST_BYTES,
+        });
+        usize::try_from(bytes).unwrap_or(usize::MAX)
+    }
 }
 
 impl Default for Limits {
@@ -226,6 +252,7 @@ impl Default for Limits {
             read_per_second: 50,
             read_burst: 100,
             idle_timeout: Duration::from_secs(300),
+            max_request_bytes: None,
         }
     }
 }
@@ -306,6 +333,7 @@ struct LimitsFile {
     read_per_second: Option<u32>,
     read_burst: Option<u32>,
     idle_timeout_secs: Option<u64>,
+    max_request_bytes: Option<u64>,
 }
 
 impl LimitsFile {
@@ -317,6 +345,7 @@ impl LimitsFile {
             read_per_second: self.read_per_second.unwrap_or(base.read_per_second),
             read_burst: self.read_burst.unwrap_or(base.read_burst),
             idle_timeout: self.idle_timeout_secs.map_or(base.idle_timeout, Duration::from_secs),
+            max_request_bytes: self.max_request_bytes.or(base.max_request_bytes),
         }
     }
 }
@@ -377,6 +406,15 @@ fn check_limits(limits: &Limits, file: &Path, line: usize) -> Result<(), AccessE
             file: file.to_path_buf(),
             line,
             message: "limits.idle_timeout_secs is 0: use at least 1".into(),
+        });
+    }
+    if let Some(bytes) = limits.max_request_bytes
+        && !(4096..=1 << 32).contains(&bytes)
+    {
+        return Err(AccessError::Grant {
+            file: file.to_path_buf(),
+            line,
+            message: format!("limits.max_request_bytes is {bytes}: use 4096 to 4294967296"),
         });
     }
     Ok(())

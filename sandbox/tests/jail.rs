@@ -783,6 +783,8 @@ fn tls_handshake_from_channel_bytes(port: u16) -> Result<(), String> {
                 id: "cert".into(),
                 kind: Some(proto::request::Kind::AddCertificate(certificate)),
             }),
+            chunk: Vec::new(),
+            more: false,
         })),
     };
     probe.channel.send(&order, &[]).unwrap();

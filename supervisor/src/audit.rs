@@ -136,6 +136,11 @@ impl Auditor {
         self.limiter.release_connection(peer.uid);
     }
 
+    /// The largest request frame a peer may send (by its grant, else by its role).
+    pub fn max_request_bytes(&self, peer: &Peer) -> usize {
+        self.policy.limits_for(peer).request_bytes(self.policy.role_of(peer))
+    }
+
     /// The idle timeout of a peer's connections.
     pub fn idle_timeout(&self, peer: &Peer) -> Duration {
         self.policy.limits_for(peer).idle_timeout

@@ -95,6 +95,9 @@ impl ClientError {
     }
 }
 
+/// The largest answer the client reads.
+const MAX_RESPONSE_BYTES: usize = 1 << 30;
+
 /// A connection to the command socket.
 pub struct Client {
     stream: UnixStream,
@@ -110,7 +113,8 @@ impl Client {
         })?;
         Ok(Client {
             stream,
-            frames: FrameReader::default(),
+            // The supervisor's answers are trusted; a dump of a large state is tens of MiB.
+            frames: FrameReader::new(MAX_RESPONSE_BYTES),
             show_progress: true,
         })
     }

@@ -213,6 +213,7 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
     let mut keys: HashMap<String, PKey<Private>> = HashMap::new();
     // Keys that could not be loaded, by the sequence of the order they came ahead of.
     let mut key_errors: Vec<(u64, String)> = Vec::new();
+    let mut assembler = rampart_command::channel::OrderAssembler::default();
     // Each worker's link and the replies waiting for room in it.
     let mut workers: slab::Slab<(Channel, std::collections::VecDeque<proto::SignReply>)> = slab::Slab::new();
     let mut events = Events::with_capacity(64);
@@ -280,7 +281,26 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                         Some(Kind::KeyForget(forget)) => {
                             keys.remove(&forget.fingerprint.to_ascii_lowercase());
                         }
-                        Some(Kind::Order(order)) => {
+                        Some(Kind::Order(piece)) => {
+                            // A large order comes in pieces: answered once, for the last one.
+                            let order = match assembler.push(piece) {
+                                Ok(Some(order)) => order,
+                                Ok(None) => continue,
+                                Err(e) => {
+                                    let line = proto::LogLine {
+                                        level: crate::LOG_ERROR,
+                                        target: "keyring".into(),
+                                        message: format!("bad order from the supervisor: {e}"),
+                                    };
+                                    let _ = channel.send(
+                                        &ChannelMessage {
+                                            kind: Some(Kind::Log(line)),
+                                        },
+                                        &[],
+                                    );
+                                    continue;
+                                }
+                            };
                             let stop = matches!(
                                 order.request.as_ref().and_then(|r| r.kind.as_ref()),
                                 Some(RequestKind::SoftStop(_) | RequestKind::HardStop(_))

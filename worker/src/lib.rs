@@ -256,6 +256,8 @@ struct Worker {
     stopping: Option<Instant>,
     shutdown_grace: Duration,
     refuse_cluster: Option<String>,
+    /// Orders too large for one channel message, being put back together.
+    assembler: rampart_command::channel::OrderAssembler,
 }
 
 /// The report a jailed process sends the supervisor.
@@ -386,6 +388,7 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         stopping: None,
         shutdown_grace: Duration::from_secs(u64::from(launch.shutdown_grace)),
         refuse_cluster: launch.refuse_cluster.clone(),
+        assembler: Default::default(),
     };
     worker.event_loop()
 }
@@ -717,11 +720,15 @@ impl Worker {
                     self.ticket_key = Some(keys.key);
                     self.tls_stale = true;
                 }
-                Some(Kind::Order(order)) => {
-                    if let Some(code) = self.order(order) {
-                        return Some(code);
+                Some(Kind::Order(piece)) => match self.assembler.push(piece) {
+                    Ok(Some(order)) => {
+                        if let Some(code) = self.order(order) {
+                            return Some(code);
+                        }
                     }
-                }
+                    Ok(None) => {}
+                    Err(e) => self.log(LOG_ERROR, format!("bad order from the supervisor: {e}")),
+                },
                 _ => self.log(LOG_WARN, "unexpected message kind from the supervisor".into()),
             }
         }

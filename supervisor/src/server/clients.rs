@@ -43,10 +43,11 @@ impl Supervisor {
                 continue;
             }
             let idle_timeout = self.audit.idle_timeout(&peer);
+            let reader = FrameReader::new(self.audit.max_request_bytes(&peer));
             entry.insert(Client {
                 stream,
                 peer,
-                reader: FrameReader::default(),
+                reader,
                 out: Vec::new(),
                 closing: false,
                 last_active: Instant::now(),

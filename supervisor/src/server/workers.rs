@@ -205,6 +205,8 @@ impl Supervisor {
                     id: String::new(),
                     kind: Some(Kind::SoftStop(proto::Empty {})),
                 }),
+                chunk: Vec::new(),
+                more: false,
             })),
         };
         let grace = Duration::from_secs(u64::from(self.config.timeouts.shutdown_grace));
@@ -271,14 +273,11 @@ impl Supervisor {
         self.flush_worker(id);
     }
 
+    /// Sends a request as order `sequence`, in as many channel messages as its size needs.
     pub(super) fn send_order(&mut self, id: u32, sequence: u64, request: proto::Request) {
-        let message = ChannelMessage {
-            kind: Some(ChannelKind::Order(proto::WorkerOrder {
-                sequence,
-                request: Some(request),
-            })),
-        };
-        self.send(id, message, None);
+        for message in rampart_command::channel::order_messages(sequence, request) {
+            self.send(id, message, None);
+        }
     }
 
     pub(super) fn flush_worker(&mut self, id: u32) {
