@@ -17,6 +17,90 @@ use rampart_command::state::State;
 use rampart_policy::access::{AccessPolicy, Decision, Peer, RateLimiter, RequestClass};
 use sha2::{Digest, Sha256};
 
+/// Refusals recorded one by one per uid before they are only counted: a sustained rate and a
+/// burst. Beyond them, each interval ends with one summary record per interval, so the trail
+/// stays complete (every refusal is counted) and bounded (a uid with no role cannot fill it).
+const REFUSALS_PER_SECOND: f64 = 2.0;
+const REFUSAL_BURST: f64 = 20.0;
+const REFUSAL_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+/// Uids tracked one by one; beyond, refusals are counted together.
+const REFUSAL_UIDS: usize = 4096;
+
+/// Per-uid budget of refusals recorded in full, and the counts of those that were not.
+#[derive(Default)]
+struct RefusalBudget {
+    buckets: std::collections::HashMap<u32, (f64, Instant)>,
+    /// Not recorded since the last summary: by uid, then by code.
+    dropped: std::collections::BTreeMap<u32, std::collections::BTreeMap<String, u64>>,
+    since: Option<Instant>,
+}
+
+impl RefusalBudget {
+    /// Whether a refusal of `uid` is recorded in full (else it is counted under `code`).
+    fn admit(&mut self, uid: u32, code: &str, now: Instant) -> bool {
+        if self.buckets.len() >= REFUSAL_UIDS && !self.buckets.contains_key(&uid) {
+            // Forget uids whose buckets are full again; if none, count this one.
+            self.buckets.retain(|_, (tokens, last)| {
+                *tokens + now.duration_since(*last).as_secs_f64() * REFUSALS_PER_SECOND < REFUSAL_BURST
+            });
+        }
+        let admitted = if self.buckets.len() < REFUSAL_UIDS || self.buckets.contains_key(&uid) {
+            let (tokens, last) = self.buckets.entry(uid).or_insert((REFUSAL_BURST, now));
+            *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * REFUSALS_PER_SECOND).min(REFUSAL_BURST);
+            *last = now;
+            if *tokens >= 1.0 {
+                *tokens -= 1.0;
+                true
+            } else {
+                false
+            }
+        } else {
+            false
+        };
+        if !admitted {
+            let key = if self.dropped.len() >= REFUSAL_UIDS && !self.dropped.contains_key(&uid) {
+                u32::MAX
+            } else {
+                uid
+            };
+            *self
+                .dropped
+                .entry(key)
+                .or_default()
+                .entry(code.to_string())
+                .or_default() += 1;
+            self.since.get_or_insert(now);
+        }
+        admitted
+    }
+
+    /// The summary due now, if any: "uid 1000: 3450 forbidden, 12 malformed; ...".
+    fn summary(&mut self, now: Instant) -> Option<String> {
+        let since = self.since?;
+        if now.duration_since(since) < REFUSAL_SUMMARY_INTERVAL {
+            return None;
+        }
+        self.since = None;
+        let parts: Vec<String> = std::mem::take(&mut self.dropped)
+            .into_iter()
+            .map(|(uid, codes)| {
+                let who = if uid == u32::MAX {
+                    "other uids".to_string()
+                } else {
+                    format!("uid {uid}")
+                };
+                let counts: Vec<String> = codes.into_iter().map(|(code, n)| format!("{n} {code}")).collect();
+                format!("{who}: {}", counts.join(", "))
+            })
+            .collect();
+        Some(format!(
+            "refusals over the per-uid recording rate ({REFUSALS_PER_SECOND}/s, burst {REFUSAL_BURST}) in the last {} s, counted but not recorded one by one: {}",
+            now.duration_since(since).as_secs(),
+            parts.join("; ")
+        ))
+    }
+}
+
 pub struct Auditor {
     /// None once closed at shutdown.
     log: Option<AuditLog>,
@@ -24,6 +108,7 @@ pub struct Auditor {
     limiter: RateLimiter,
     policy_file: Option<std::path::PathBuf>,
     state_dir: std::path::PathBuf,
+    refusals: RefusalBudget,
 }
 
 fn supplementary_groups(pid: i32) -> Vec<u32> {
@@ -109,6 +194,7 @@ impl Auditor {
             limiter: RateLimiter::new(),
             policy_file: config.access_policy.clone(),
             state_dir: config.state_dir.clone(),
+            refusals: RefusalBudget::default(),
         })
     }
 
@@ -141,6 +227,11 @@ impl Auditor {
         self.policy.limits_for(peer).request_bytes(self.policy.role_of(peer))
     }
 
+    /// Whether the peer has the admin role.
+    pub fn is_admin(&self, peer: &Peer) -> bool {
+        self.policy.role_of(peer) == Some(rampart_policy::access::Role::Admin)
+    }
+
     /// The idle timeout of a peer's connections.
     pub fn idle_timeout(&self, peer: &Peer) -> Duration {
         self.policy.limits_for(peer).idle_timeout
@@ -162,8 +253,7 @@ impl Auditor {
         match refusal {
             None => Ok(()),
             Some((code, reason)) => {
-                let event = AuditEvent::denied(self.actor(peer), request, code, &reason);
-                let _ = self.append(event);
+                self.denied(peer, request, code, &reason);
                 Err(reason)
             }
         }
@@ -171,7 +261,22 @@ impl Auditor {
 
     /// Records a refusal decided after authorization (e.g. a port the workers cannot reach).
     pub fn denied(&mut self, peer: &Peer, request: &proto::Request, code: &str, reason: &str) {
+        if !self.refusals.admit(peer.uid, code, Instant::now()) {
+            return;
+        }
         let event = AuditEvent::denied(self.actor(peer), request, code, reason);
+        let _ = self.append(event);
+    }
+
+    /// A command connection refused or closed for its uid's connection limit (recorded within
+    /// the same per-uid budget as refused requests).
+    pub fn connection_refused(&mut self, peer: &Peer, code: &str, reason: &str) {
+        if !self.refusals.admit(peer.uid, code, Instant::now()) {
+            return;
+        }
+        let mut event = AuditEvent::malformed(self.actor(peer), reason);
+        event.action = "connection_refused".into();
+        event.outcome = Some(Outcome::denied(code, reason));
         let _ = self.append(event);
     }
 
@@ -227,6 +332,9 @@ impl Auditor {
 
     /// A frame that did not decode: recorded by size and hash, never by content.
     pub fn malformed(&mut self, peer: &Peer, body: &[u8], error: &str) {
+        if !self.refusals.admit(peer.uid, "malformed", Instant::now()) {
+            return;
+        }
         let digest = hex::encode(Sha256::digest(body));
         let text = format!("{error} ({} bytes, sha256 {digest})", body.len());
         let event = AuditEvent::malformed(self.actor(peer), &text);
@@ -240,6 +348,9 @@ impl Auditor {
 
     /// Writes a time-based checkpoint when one is due.
     pub fn tick(&mut self) {
+        if let Some(summary) = self.refusals.summary(Instant::now()) {
+            let _ = self.append(AuditEvent::system("refusals_summarized", Outcome::ok(summary)));
+        }
         if let Some(log) = &mut self.log {
             let _ = log.checkpoint_if_due(Instant::now());
         }
@@ -276,8 +387,11 @@ impl Auditor {
         }
     }
 
-    /// Closes the log with a final checkpoint.
+    /// Closes the log with a final checkpoint (after the last summary of refusals).
     pub fn close(&mut self) {
+        if let Some(summary) = self.refusals.summary(Instant::now() + REFUSAL_SUMMARY_INTERVAL) {
+            let _ = self.append(AuditEvent::system("refusals_summarized", Outcome::ok(summary)));
+        }
         if let Some(log) = self.log.take() {
             let _ = log.close();
         }

@@ -132,10 +132,20 @@ impl Client {
         if request.id.is_empty() {
             request.id = next_request_id();
         }
-        framing::write_frame(&mut self.stream, &request).map_err(|source| ClientError::Io {
-            action: "sending the request",
-            source,
-        })?;
+        if let Err(source) = framing::write_frame(&mut self.stream, &request) {
+            // A supervisor that refuses the connection answers, then closes: the answer says why,
+            // where the write only says "broken pipe".
+            if source.kind() == io::ErrorKind::BrokenPipe
+                && let Ok(Some(response)) = self.frames.read_message::<Response, _>(&mut self.stream)
+                && response.status == ResponseStatus::Failure as i32
+            {
+                return Ok(response);
+            }
+            return Err(ClientError::Io {
+                action: "sending the request",
+                source,
+            });
+        }
         loop {
             let response = self
                 .frames

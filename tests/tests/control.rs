@@ -88,3 +88,183 @@ fn a_state_of_100000_frontends_reaches_every_worker() {
     served_everywhere(port, &last);
     assert!(r.ctl(&["apply", "-f", file]).starts_with("no change"));
 }
+
+/// A client of uid 65534 (no role) that pipelines requests over `connections` connections for
+/// `seconds`, reading its answers as they come.
+const PIPELINING_CLIENT: &str = r#"
+import socket, sys, threading, time
+path, connections, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+# One frame: length 3, then Request { status: Empty } (field 70, length-delimited, empty).
+batch = bytes([3, 0xB2, 0x04, 0x00]) * 2000
+def run():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        return
+    def drain():
+        try:
+            while s.recv(65536):
+                pass
+        except OSError:
+            pass
+    threading.Thread(target=drain, daemon=True).start()
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            s.sendall(batch)
+        except OSError:
+            return
+threads = [threading.Thread(target=run) for _ in range(connections)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"#;
+
+fn status_round_trip(r: &Rampart) -> Duration {
+    use rampart_command::proto;
+    use std::io::Write;
+    let began = Instant::now();
+    let mut stream = std::os::unix::net::UnixStream::connect(&r.socket).unwrap();
+    let request = proto::Request {
+        id: "probe".into(),
+        kind: Some(proto::request::Kind::Status(proto::Empty {})),
+    };
+    stream
+        .write_all(&rampart_command::framing::encode_frame(&request))
+        .unwrap();
+    let mut reader = rampart_command::framing::FrameReader::default();
+    let response: proto::Response = reader.read_message(&mut stream).unwrap().unwrap();
+    assert_eq!(
+        response.status,
+        proto::ResponseStatus::Ok as i32,
+        "{}",
+        response.message
+    );
+    began.elapsed()
+}
+
+/// Items 2 and 3: a uid without any role pipelining refused requests over all its connections
+/// neither delays root's `status` (clients are served round-robin, a frame per turn) nor fills
+/// the trail (refusals beyond a per-uid rate are counted in one summary per interval).
+#[test]
+fn a_uid_without_a_role_neither_stalls_the_socket_nor_fills_the_trail() {
+    if !rampart_tests::require_root("a_uid_without_a_role_neither_stalls_the_socket_nor_fills_the_trail")
+        || !rampart_tests::require_tool(
+            "a_uid_without_a_role_neither_stalls_the_socket_nor_fills_the_trail",
+            "setpriv",
+        )
+    {
+        return;
+    }
+    let aux = rampart_tests::TempDir::new("control-flood-policy");
+    let policy = aux.path().join("policy.toml");
+    std::fs::write(&policy, "[[grant]]\nuid = 0\nrole = \"admin\"\n").unwrap();
+    let r = Rampart::start(
+        "control-flood",
+        &format!(
+            "{}access_policy = \"{}\"\n",
+            config_head(Path::new("{dir}"), 1),
+            policy.display()
+        ),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(r.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let quiet: Vec<Duration> = (0..5).map(|_| status_round_trip(&r)).collect();
+    let log = r.dir.path().join("audit.log");
+    let before = std::fs::metadata(&log).unwrap().len();
+    const SECONDS: u64 = 10;
+    let mut attack = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            PIPELINING_CLIENT,
+        ])
+        .arg(&r.socket)
+        .args(["16", &SECONDS.to_string()])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut during = Vec::new();
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(SECONDS - 3) {
+        during.push(status_round_trip(&r));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(attack.wait().unwrap().success());
+    let grown = std::fs::metadata(&log).unwrap().len() - before;
+    during.sort();
+    let median = during[during.len() / 2];
+    eprintln!(
+        "status round trip: quiet {quiet:?}; under attack median {median:?}, max {:?} over {} probes; audit log grew {grown} bytes in {SECONDS} s",
+        during[during.len() - 1],
+        during.len()
+    );
+    assert!(
+        median < Duration::from_millis(50),
+        "root's status took {median:?} (median) under attack"
+    );
+    // Under 1 MiB a minute: a sixth of that for these seconds.
+    assert!(
+        grown < 1024 * 1024 / 60 * SECONDS,
+        "the trail grew {grown} bytes in {SECONDS} s"
+    );
+    // Every refusal is accounted for: a few in full, the rest in a summary.
+    wait_for_summary(&r);
+    let out = std::process::Command::new(rampart_tests::rampart_bin())
+        .args(["audit", "verify", "--live"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+fn wait_for_summary(r: &Rampart) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let summary = r
+            .audit_records()
+            .into_iter()
+            .find(|x| x["action"] == "refusals_summarized");
+        if let Some(s) = summary {
+            let text = s["outcome"]["message"].as_str().unwrap().to_string();
+            assert!(text.contains("uid 65534") && text.contains("forbidden"), "{text}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "no summary of the refusals was recorded");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Item 9: 16 idle connections of root do not lock root's CLI out: the longest idle is closed
+/// with a message saying why, and the refusal is recorded.
+#[test]
+fn idle_connections_do_not_lock_out_their_uid() {
+    use std::io::Read;
+    let r = Rampart::start("control-idle", &config_head(Path::new("{dir}"), 1));
+    let mut idle: Vec<std::os::unix::net::UnixStream> = (0..16)
+        .map(|_| std::os::unix::net::UnixStream::connect(&r.socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let began = Instant::now();
+    let out = r.ctl(&["status"]);
+    assert!(out.contains("state hash"), "{out}");
+    assert!(began.elapsed() < Duration::from_secs(5));
+    // The first (longest idle) connection was told why it is closed.
+    let first = &mut idle[0];
+    first.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = Vec::new();
+    let _ = first.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.contains("longest idle"), "{text:?}");
+    let recs = r.audit_records();
+    assert!(
+        recs.iter()
+            .any(|x| x["action"] == "connection_refused" && x["outcome"]["code"] == "evicted_idle"),
+        "the eviction is in the trail"
+    );
+}

@@ -1,4 +1,9 @@
 //! Command-socket clients: accept, frames in, answers out.
+//!
+//! Fairness: a readable client is queued, and each turn of the loop serves every queued client
+//! [`FRAMES_PER_TURN`] frame(s), round-robin; a client with more input goes to the back of the
+//! queue. A uid at its connection limit makes room by closing its longest-idle connection
+//! (with a message saying why); when none is idle, an admin still gets one reserved connection.
 
 use super::*;
 
@@ -22,16 +27,21 @@ impl Supervisor {
                     continue;
                 }
             };
-            if let Err(reason) = self.audit.connection_opened(&peer) {
-                let response = proto::Response {
-                    request_id: String::new(),
-                    status: proto::ResponseStatus::Failure as i32,
-                    message: reason,
-                    content: None,
-                };
-                let _ = stream.write(&encode_frame(&response));
-                continue;
-            }
+            let reserved = match self.admit_connection(&peer) {
+                Ok(reserved) => reserved,
+                Err(reason) => {
+                    self.audit.connection_refused(&peer, "too_many_connections", &reason);
+                    let response = proto::Response {
+                        request_id: String::new(),
+                        status: proto::ResponseStatus::Failure as i32,
+                        message: reason,
+                        content: None,
+                    };
+                    let _ = stream.write(&encode_frame(&response));
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                    continue;
+                }
+            };
             let entry = self.clients.vacant_entry();
             let token = Token(CLIENT_BASE + entry.key());
             if self
@@ -53,25 +63,104 @@ impl Supervisor {
                 last_active: Instant::now(),
                 idle_timeout,
                 serial: self.next_sequence,
+                queued: false,
+                reserved,
+                stalled: false,
             });
             self.next_sequence += 1;
         }
     }
 
+    /// Takes a connection slot for `peer`: `Ok(true)` for the admin's reserved connection.
+    fn admit_connection(&mut self, peer: &Peer) -> Result<bool, String> {
+        let Err(reason) = self.audit.connection_opened(peer) else {
+            return Ok(false);
+        };
+        // The uid's longest-idle connection (no frame half-read, no answer pending) makes room.
+        let waiting: HashSet<usize> = self.pending.values().map(|p| p.client).collect();
+        let idle = self
+            .clients
+            .iter()
+            .filter(|(k, c)| {
+                c.peer.uid == peer.uid
+                    && !c.reserved
+                    && c.reader.buffered() == 0
+                    && c.out.is_empty()
+                    && !waiting.contains(k)
+            })
+            .min_by_key(|(_, c)| c.last_active)
+            .map(|(k, _)| k);
+        if let Some(victim) = idle {
+            let message = format!(
+                "{reason}; this connection was the longest idle of uid {} and was closed to make room for a new one",
+                peer.uid
+            );
+            self.audit.connection_refused(peer, "evicted_idle", &message);
+            self.respond(victim, "", false, message, None);
+            if let Some(c) = self.clients.get_mut(victim) {
+                c.closing = true;
+            }
+            self.flush_client(victim);
+            self.close_client(victim);
+            return self.audit.connection_opened(peer).map(|()| false);
+        }
+        let reserve_free = !self.clients.iter().any(|(_, c)| c.reserved);
+        if reserve_free && self.audit.is_admin(peer) {
+            return Ok(true);
+        }
+        Err(format!(
+            "{reason}; close one of them (every connection of the uid is busy)"
+        ))
+    }
+
     pub(super) fn close_client(&mut self, key: usize) {
         if let Some(mut c) = self.clients.try_remove(key) {
             let _ = self.poll.registry().deregister(&mut c.stream);
-            self.audit.connection_closed(&c.peer);
+            if !c.reserved {
+                self.audit.connection_closed(&c.peer);
+            }
         }
     }
 
-    pub(super) fn client_readable(&mut self, key: usize) {
+    /// Puts a client with input in the queue of clients to serve.
+    pub(super) fn queue_client(&mut self, key: usize) {
+        if let Some(c) = self.clients.get_mut(key)
+            && !c.queued
+        {
+            c.queued = true;
+            self.ready_clients.push_back(key);
+        }
+    }
+
+    /// One turn: every client queued now handles at most [`FRAMES_PER_TURN`] frames; one with
+    /// more input goes back in the queue.
+    pub(super) fn serve_clients(&mut self) {
+        for _ in 0..self.ready_clients.len() {
+            let Some(key) = self.ready_clients.pop_front() else {
+                return;
+            };
+            let Some(c) = self.clients.get_mut(key) else { continue };
+            c.queued = false;
+            if c.out.len() > MAX_CLIENT_BACKLOG {
+                // Served again once it reads its answers (flush_client).
+                c.stalled = true;
+                continue;
+            }
+            if self.client_readable(key) {
+                self.queue_client(key);
+            }
+            self.flush_client(key);
+        }
+    }
+
+    /// Reads and handles up to [`FRAMES_PER_TURN`] frames. True when the client may have more.
+    pub(super) fn client_readable(&mut self, key: usize) -> bool {
         if let Some(c) = self.clients.get_mut(key) {
             c.last_active = Instant::now();
         }
-        loop {
+        for _ in 0..FRAMES_PER_TURN {
             let Some(client) = self.clients.get_mut(key) else {
-                return;
+                return false;
             };
             let frame = client.reader.read_frame(&mut client.stream);
             match frame {
@@ -89,7 +178,7 @@ impl Supervisor {
                     if client.reader.is_eof() {
                         self.close_client(key);
                     }
-                    return;
+                    return false;
                 }
                 Err(e @ (FrameError::TooLarge { .. } | FrameError::BadLength)) => {
                     let peer = client.peer.clone();
@@ -98,14 +187,16 @@ impl Supervisor {
                     if let Some(c) = self.clients.get_mut(key) {
                         c.closing = true;
                     }
-                    return;
+                    return false;
                 }
                 Err(_) => {
                     self.close_client(key);
-                    return;
+                    return false;
                 }
             }
         }
+        // A connection that is closing takes no more requests.
+        self.clients.get(key).is_some_and(|c| !c.closing)
     }
 
     pub(super) fn flush_client(&mut self, key: usize) {
@@ -127,6 +218,11 @@ impl Supervisor {
         }
         if client.out.is_empty() && client.closing {
             self.close_client(key);
+            return;
+        }
+        if client.stalled && client.out.len() <= MAX_CLIENT_BACKLOG {
+            client.stalled = false;
+            self.queue_client(key);
         }
     }
 

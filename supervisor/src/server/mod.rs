@@ -134,7 +134,20 @@ struct Client {
     last_active: Instant,
     idle_timeout: Duration,
     serial: u64,
+    /// In the queue of clients with input to serve.
+    queued: bool,
+    /// Holds the admin role's reserved connection (not counted against its uid's limit).
+    reserved: bool,
+    /// Not read while its answers pile up unread (see [`MAX_CLIENT_BACKLOG`]).
+    stalled: bool,
 }
+
+/// Bytes of answers a client may leave unread before the supervisor stops reading its
+/// requests: a client that sends without reading cannot make the supervisor buffer forever.
+const MAX_CLIENT_BACKLOG: usize = 1024 * 1024;
+
+/// Frames a client may have handled per turn before the others get theirs.
+const FRAMES_PER_TURN: usize = 1;
 
 /// A state change the supervisor applied and sent to every process, waiting for their answers.
 struct Pending {
@@ -180,6 +193,9 @@ pub struct Supervisor {
     /// Listening sockets by address, one per worker slot.
     listeners: BTreeMap<String, Vec<OwnedFd>>,
     clients: slab::Slab<Client>,
+    /// Clients that may have more input, served round-robin (a client pipelining requests
+    /// cannot hold the loop).
+    ready_clients: VecDeque<usize>,
     pending: HashMap<u64, Pending>,
     next_sequence: u64,
     log: Log,
@@ -223,7 +239,13 @@ impl Supervisor {
     pub fn run(&mut self) -> i32 {
         let mut events = Events::with_capacity(256);
         loop {
-            if let Err(e) = self.poll.poll(&mut events, Some(Duration::from_millis(100)))
+            // Clients with input left are served without waiting for new events.
+            let timeout = if self.ready_clients.is_empty() {
+                Duration::from_millis(100)
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
                 && e.kind() != io::ErrorKind::Interrupted
             {
                 self.log.error(&format!("event loop failed: {e}"));
@@ -257,13 +279,14 @@ impl Supervisor {
                     Token(t) if t >= CLIENT_BASE => {
                         let key = t - CLIENT_BASE;
                         if readable {
-                            self.client_readable(key);
+                            self.queue_client(key);
                         }
                         self.flush_client(key);
                     }
                     _ => {}
                 }
             }
+            self.serve_clients();
             if let Some(code) = self.tick() {
                 return code;
             }

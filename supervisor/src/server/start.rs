@@ -142,6 +142,7 @@ impl Supervisor {
             workers,
             listeners,
             clients: slab::Slab::new(),
+            ready_clients: VecDeque::new(),
             pending: HashMap::new(),
             next_sequence: 1,
             log,
