@@ -360,6 +360,7 @@ impl Supervisor {
 
     pub(super) fn handoff_new_listeners(&mut self) {
         let fresh = std::mem::take(&mut self.fresh_listeners);
+        let steer = !fresh.is_empty();
         for address in fresh {
             let protocol = self
                 .state
@@ -389,6 +390,9 @@ impl Supervisor {
                 };
                 self.send(id, message, Some(fd));
             }
+        }
+        if steer {
+            self.steer_listeners();
         }
     }
 }

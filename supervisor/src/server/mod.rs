@@ -121,7 +121,12 @@ struct WorkerSlot {
     started: Instant,
     respawn_at: Option<Instant>,
     backoff: Duration,
+    /// Deaths since it last lived more than 10 s.
+    quick_deaths: u32,
 }
+
+/// Deaths in a row respawned without delay before the backoff starts.
+const QUICK_RESPAWNS: u32 = 3;
 
 use rampart_policy::access::Peer;
 

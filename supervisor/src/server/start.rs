@@ -125,7 +125,8 @@ impl Supervisor {
                 jail: None,
                 started: Instant::now(),
                 respawn_at: None,
-                backoff: Duration::from_millis(100),
+                backoff: Duration::ZERO,
+                quick_deaths: 0,
             })
             .collect();
         let command_path = config.command_socket.clone();

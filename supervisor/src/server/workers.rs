@@ -151,13 +151,19 @@ impl Supervisor {
         slot.run_state = RunState::Dead;
         slot.outbox.clear();
         if !stopping {
-            // Back off when a worker dies young; a worker that lived a while restarts quickly.
+            // The first deaths are respawned at once; a worker that keeps dying young is backed
+            // off. One that lived a while starts the count again.
             if slot.started.elapsed() > Duration::from_secs(10) {
-                slot.backoff = Duration::from_millis(100);
+                slot.backoff = Duration::ZERO;
+                slot.quick_deaths = 0;
+            }
+            slot.quick_deaths = slot.quick_deaths.saturating_add(1);
+            if slot.quick_deaths > QUICK_RESPAWNS {
+                slot.backoff = (slot.backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF);
             }
             slot.respawn_at = Some(Instant::now() + slot.backoff);
-            slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
         }
+        self.steer_listeners();
         let message = format!("worker {id} (pid {pid}) {how}");
         if clean || stopping {
             self.log.info(&message);
@@ -228,6 +234,7 @@ impl Supervisor {
         );
         self.log.warn(&message);
         self.audit.system("process_replaced", &message);
+        self.steer_listeners();
         // Other changes waiting for it will not hear from it: the new worker starts from the
         // state, which holds them.
         self.pending_process_ended(id, "replaced before it answered");
@@ -417,6 +424,8 @@ impl Supervisor {
             };
             self.send(id, message, Some(fd));
         }
+        // It accepts from now on: new connections may go to its socket again.
+        self.steer_listeners();
     }
 
     pub(super) fn running_workers(&self) -> Vec<u32> {
