@@ -209,6 +209,22 @@ impl Rampart {
         self.wait_running();
     }
 
+    /// `rampart audit verify --live` on the test's audit log (the chain and its order; a running
+    /// supervisor has not written its closing checkpoint yet) must pass.
+    pub fn assert_audit_verifies(&self) {
+        let out = std::process::Command::new(rampart_bin())
+            .args(["audit", "verify", "--live"])
+            .arg(self.dir.path().join("audit.log"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "audit verify failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The records of the audit log (`audit.log` in the test directory), parsed.
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.path().join("audit.log"))

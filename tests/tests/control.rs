@@ -87,6 +87,7 @@ fn a_state_of_100000_frontends_reaches_every_worker() {
     assert_eq!(status(&r)["state_hash"], s["state_hash"]);
     served_everywhere(port, &last);
     assert!(r.ctl(&["apply", "-f", file]).starts_with("no change"));
+    r.assert_audit_verifies();
 }
 
 /// A client of uid 65534 (no role) that pipelines requests over `connections` connections for
@@ -267,6 +268,7 @@ fn idle_connections_do_not_lock_out_their_uid() {
             .any(|x| x["action"] == "connection_refused" && x["outcome"]["code"] == "evicted_idle"),
         "the eviction is in the trail"
     );
+    r.assert_audit_verifies();
 }
 
 /// Item 6: while a killed worker's slot is empty, new connections go to the workers that run
@@ -343,4 +345,5 @@ fn a_dying_worker_takes_no_share_of_new_connections() {
         slow.len(),
         times.len()
     );
+    r.assert_audit_verifies();
 }
