@@ -1,6 +1,10 @@
-//! The supervisor ⇄ worker channel: one `socketpair(AF_UNIX, SOCK_SEQPACKET)` per worker.
+//! The channels between processes: one `socketpair(AF_UNIX, SOCK_SEQPACKET)` per link
+//! (supervisor ⇄ worker, supervisor ⇄ keyring, worker ⇄ keyring).
 //!
-//! Each [`ChannelMessage`] travels as one datagram, so the kernel keeps message boundaries, and
+//! Each link has its own message per direction ([`LinkMessage`]: `SupervisorToWorker`,
+//! `SupervisorToKeyring`, `WorkerToSupervisor`, `WorkerToKeyring`, `KeyringToWorker`), and a
+//! receiver decodes only what its link carries to it: a message sent on the wrong link decodes to
+//! no kind and is refused. Each message travels as one datagram, so the kernel keeps message boundaries, and
 //! the file descriptors a message carries are attached to that very datagram (SCM_RIGHTS). The
 //! receiver treats the peer as untrusted: a message larger than the buffer, truncated control
 //! data, or file descriptors the message kind does not carry are errors, and every descriptor
@@ -13,7 +17,10 @@ use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair};
 use prost::Message;
 
-use crate::proto::{ChannelMessage, channel_message::Kind};
+use crate::proto::{
+    KeyringToWorker, SupervisorToKeyring, SupervisorToWorker, WorkerOrder, WorkerToKeyring, WorkerToSupervisor,
+    keyring_to_worker, supervisor_to_keyring, supervisor_to_worker, worker_to_keyring, worker_to_supervisor,
+};
 
 /// Largest datagram a channel sends or accepts. It must fit the socket's send buffer; a large
 /// state travels as many messages.
@@ -44,46 +51,112 @@ pub enum ChannelError {
     },
     #[error("unexpected control message on the channel: {0}")]
     UnexpectedControl(String),
-    #[error("channel message of {len} bytes is not a valid ChannelMessage: {source}")]
+    #[error("channel message of {len} bytes is not a valid message of this link: {source}")]
     Decode {
         len: usize,
         #[source]
         source: prost::DecodeError,
     },
-    #[error("channel message has no kind")]
+    #[error("channel message has no kind this link carries (a message of another link, or a newer protocol)")]
     Empty,
 }
 
-/// The number of file descriptors a message of this kind carries.
-pub fn expected_fds(message: &ChannelMessage) -> usize {
-    match &message.kind {
-        Some(Kind::Listener(_) | Kind::KeyringLink(_)) => 1,
-        _ => 0,
+/// A message of one link, in one direction.
+pub trait LinkMessage: Message + Default {
+    /// The number of file descriptors a message of this kind carries.
+    fn expected_fds(&self) -> usize;
+    /// A short name for the kind, for errors and logs (`none` without a kind).
+    fn kind_name(&self) -> &'static str;
+}
+
+impl LinkMessage for SupervisorToWorker {
+    fn expected_fds(&self) -> usize {
+        use supervisor_to_worker::Kind;
+        match &self.kind {
+            Some(Kind::Listener(_) | Kind::KeyringLink(_)) => 1,
+            Some(Kind::Order(_) | Kind::TicketKeys(_)) | None => 0,
+        }
+    }
+
+    fn kind_name(&self) -> &'static str {
+        use supervisor_to_worker::Kind;
+        match &self.kind {
+            None => "none",
+            Some(Kind::Order(_)) => "order",
+            Some(Kind::Listener(_)) => "listener",
+            Some(Kind::TicketKeys(_)) => "ticket_keys",
+            Some(Kind::KeyringLink(_)) => "keyring_link",
+        }
     }
 }
 
-/// A short name for a channel message kind, for errors and logs.
-pub fn kind_name(message: &ChannelMessage) -> &'static str {
-    match &message.kind {
-        None => "none",
-        Some(Kind::Order(_)) => "order",
-        Some(Kind::Listener(_)) => "listener",
-        Some(Kind::Reply(_)) => "reply",
-        Some(Kind::JailReport(_)) => "jail_report",
-        Some(Kind::Log(_)) => "log",
-        Some(Kind::TicketKeys(_)) => "ticket_keys",
-        Some(Kind::KeyringLink(_)) => "keyring_link",
-        Some(Kind::SignRequest(_)) => "sign_request",
-        Some(Kind::SignReply(_)) => "sign_reply",
-        Some(Kind::KeyMaterial(_)) => "key_material",
-        Some(Kind::KeyForget(_)) => "key_forget",
+impl LinkMessage for SupervisorToKeyring {
+    fn expected_fds(&self) -> usize {
+        use supervisor_to_keyring::Kind;
+        match &self.kind {
+            Some(Kind::KeyringLink(_)) => 1,
+            Some(Kind::Order(_) | Kind::KeyMaterial(_) | Kind::KeyForget(_)) | None => 0,
+        }
+    }
+
+    fn kind_name(&self) -> &'static str {
+        use supervisor_to_keyring::Kind;
+        match &self.kind {
+            None => "none",
+            Some(Kind::Order(_)) => "order",
+            Some(Kind::KeyringLink(_)) => "keyring_link",
+            Some(Kind::KeyMaterial(_)) => "key_material",
+            Some(Kind::KeyForget(_)) => "key_forget",
+        }
+    }
+}
+
+impl LinkMessage for WorkerToSupervisor {
+    fn expected_fds(&self) -> usize {
+        0
+    }
+
+    fn kind_name(&self) -> &'static str {
+        use worker_to_supervisor::Kind;
+        match &self.kind {
+            None => "none",
+            Some(Kind::Reply(_)) => "reply",
+            Some(Kind::JailReport(_)) => "jail_report",
+            Some(Kind::Log(_)) => "log",
+        }
+    }
+}
+
+impl LinkMessage for WorkerToKeyring {
+    fn expected_fds(&self) -> usize {
+        0
+    }
+
+    fn kind_name(&self) -> &'static str {
+        match &self.kind {
+            None => "none",
+            Some(worker_to_keyring::Kind::SignRequest(_)) => "sign_request",
+        }
+    }
+}
+
+impl LinkMessage for KeyringToWorker {
+    fn expected_fds(&self) -> usize {
+        0
+    }
+
+    fn kind_name(&self) -> &'static str {
+        match &self.kind {
+            None => "none",
+            Some(keyring_to_worker::Kind::SignReply(_)) => "sign_reply",
+        }
     }
 }
 
 /// A message and the descriptors that came with it.
 #[derive(Debug)]
-pub struct Received {
-    pub message: ChannelMessage,
+pub struct Received<M> {
+    pub message: M,
     pub fds: Vec<OwnedFd>,
 }
 
@@ -135,11 +208,11 @@ impl Channel {
     }
 
     /// Sends one message with exactly the descriptors its kind carries.
-    pub fn send(&self, message: &ChannelMessage, fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
-        let expected = expected_fds(message);
+    pub fn send<M: LinkMessage>(&self, message: &M, fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
+        let expected = message.expected_fds();
         if fds.len() != expected {
             return Err(ChannelError::UnexpectedFds {
-                kind: kind_name(message),
+                kind: message.kind_name(),
                 expected,
                 got: fds.len(),
             });
@@ -161,9 +234,9 @@ impl Channel {
         }
     }
 
-    /// Receives one message. `Ok(None)` means the peer closed its end. On a non-blocking
-    /// channel with nothing to read, returns `Err(ChannelError::Receive(Errno::EAGAIN))`.
-    pub fn recv(&self) -> Result<Option<Received>, ChannelError> {
+    /// Receives one message of this link. `Ok(None)` means the peer closed its end. On a
+    /// non-blocking channel with nothing to read, returns `Err(ChannelError::Receive(Errno::EAGAIN))`.
+    pub fn recv<M: LinkMessage>(&self) -> Result<Option<Received<M>>, ChannelError> {
         let mut buf = vec![0u8; MAX_MESSAGE];
         // Room for MAX_FDS descriptors, u64-aligned as cmsghdr requires.
         // SAFETY: CMSG_SPACE only computes a size.
@@ -229,14 +302,14 @@ impl Channel {
             return Ok(None);
         }
         let body = buf.get(..len).unwrap_or_default();
-        let message = ChannelMessage::decode(body).map_err(|source| ChannelError::Decode { len, source })?;
-        if message.kind.is_none() {
+        let message = M::decode(body).map_err(|source| ChannelError::Decode { len, source })?;
+        if message.kind_name() == "none" {
             return Err(ChannelError::Empty);
         }
-        let expected = expected_fds(&message);
+        let expected = message.expected_fds();
         if fds.len() != expected {
             return Err(ChannelError::UnexpectedFds {
-                kind: kind_name(&message),
+                kind: message.kind_name(),
                 expected,
                 got: fds.len(),
             });
@@ -249,17 +322,14 @@ impl Channel {
 /// (see `WorkerOrder.chunk`). Leaves room for the order's own fields within [`MAX_MESSAGE`].
 pub const ORDER_CHUNK: usize = MAX_MESSAGE - 1024;
 
-/// The channel messages that carry `request` as order `sequence`: one, or as many pieces as its
-/// encoding needs.
-pub fn order_messages(sequence: u64, request: crate::proto::Request) -> Vec<ChannelMessage> {
-    use crate::proto::WorkerOrder;
-    let order = |request, chunk, more| ChannelMessage {
-        kind: Some(Kind::Order(WorkerOrder {
-            sequence,
-            request,
-            chunk,
-            more,
-        })),
+/// The orders that carry `request` as order `sequence`: one, or as many pieces as its encoding
+/// needs. Each goes in its own channel message.
+pub fn order_messages(sequence: u64, request: crate::proto::Request) -> Vec<WorkerOrder> {
+    let order = |request, chunk, more| WorkerOrder {
+        sequence,
+        request,
+        chunk,
+        more,
     };
     if request.encoded_len() <= ORDER_CHUNK {
         return vec![order(Some(request), Vec::new(), false)];
@@ -320,7 +390,7 @@ impl OrderAssembler {
             len: bytes.len(),
             source,
         })?;
-        Ok(Some(crate::proto::WorkerOrder {
+        Ok(Some(WorkerOrder {
             sequence,
             request: Some(request),
             chunk: Vec::new(),

@@ -13,7 +13,10 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use rampart_command::channel::{Channel, ChannelError, MAX_FDS};
-use rampart_command::proto::{self, ChannelMessage, channel_message::Kind};
+use rampart_command::proto::{
+    self, SupervisorToKeyring, SupervisorToWorker, WorkerToSupervisor, supervisor_to_keyring, supervisor_to_worker,
+    worker_to_supervisor,
+};
 
 const CHILD_FD_VAR: &str = "RAMPART_TEST_CHANNEL_FD";
 
@@ -21,9 +24,9 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
-fn log(message: &str) -> ChannelMessage {
-    ChannelMessage {
-        kind: Some(Kind::Log(proto::LogLine {
+fn log(message: &str) -> WorkerToSupervisor {
+    WorkerToSupervisor {
+        kind: Some(worker_to_supervisor::Kind::Log(proto::LogLine {
             level: 3,
             target: "test".into(),
             message: message.into(),
@@ -31,9 +34,9 @@ fn log(message: &str) -> ChannelMessage {
     }
 }
 
-fn listener_handoff() -> ChannelMessage {
-    ChannelMessage {
-        kind: Some(Kind::Listener(proto::ListenerHandoff {
+fn listener_handoff() -> SupervisorToWorker {
+    SupervisorToWorker {
+        kind: Some(supervisor_to_worker::Kind::Listener(proto::ListenerHandoff {
             address: "127.0.0.1:1".into(),
             protocol: 0,
         })),
@@ -44,8 +47,11 @@ fn listener_handoff() -> ChannelMessage {
 fn child(fd: i32) {
     // SAFETY: the parent handed us this descriptor number and nothing else in this process owns it.
     let channel = Channel::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    let received = channel.recv().unwrap().expect("a message");
-    assert!(matches!(received.message.kind, Some(Kind::Listener(_))));
+    let received = channel.recv::<SupervisorToWorker>().unwrap().expect("a message");
+    assert!(matches!(
+        received.message.kind,
+        Some(supervisor_to_worker::Kind::Listener(_))
+    ));
     let mut out = std::fs::File::from(received.fds.into_iter().next().unwrap());
     out.write_all(b"written by the child").unwrap();
     drop(out);
@@ -64,7 +70,7 @@ fn main() {
         return;
     }
     let mut passed = 0;
-    let tests: [(&str, fn()); 5] = [
+    let tests: [(&str, fn()); 6] = [
         (
             "descriptors_cross_between_processes",
             descriptors_cross_between_processes,
@@ -79,6 +85,10 @@ fn main() {
         ),
         ("garbage_and_close_are_typed", garbage_and_close_are_typed),
         ("a_large_order_travels_in_pieces", a_large_order_travels_in_pieces),
+        (
+            "a_wrong_direction_message_is_refused",
+            a_wrong_direction_message_is_refused,
+        ),
     ];
     for (name, test) in tests {
         test();
@@ -115,18 +125,18 @@ fn descriptors_cross_between_processes() {
     std::fs::File::from(read_end).read_to_string(&mut text).unwrap();
     assert_eq!(text, "written by the child");
 
-    let answer = parent.recv().unwrap().unwrap();
+    let answer = parent.recv::<SupervisorToWorker>().unwrap().unwrap();
     assert_eq!(answer.fds.len(), 1);
     let mut text = String::new();
     std::fs::File::from(answer.fds.into_iter().next().unwrap())
         .read_to_string(&mut text)
         .unwrap();
     assert_eq!(text, "from the child's pipe");
-    let bye = parent.recv().unwrap().unwrap();
-    assert!(matches!(bye.message.kind, Some(Kind::Log(l)) if l.message == "bye"));
+    let bye = parent.recv::<WorkerToSupervisor>().unwrap().unwrap();
+    assert!(matches!(bye.message.kind, Some(worker_to_supervisor::Kind::Log(l)) if l.message == "bye"));
     assert!(child.wait().unwrap().success());
     // The child is gone: the channel reports the close.
-    assert!(parent.recv().unwrap().is_none());
+    assert!(parent.recv::<WorkerToSupervisor>().unwrap().is_none());
     drop(parent);
     assert_eq!(open_fds(), before, "descriptors leaked");
 }
@@ -156,7 +166,7 @@ fn unexpected_descriptors_are_refused_and_closed() {
     ));
     use prost::Message;
     raw_send(&a, &log("x").encode_to_vec(), &[r.as_raw_fd(), w.as_raw_fd()]);
-    let err = b.recv().unwrap_err();
+    let err = b.recv::<WorkerToSupervisor>().unwrap_err();
     assert!(
         matches!(
             err,
@@ -170,7 +180,7 @@ fn unexpected_descriptors_are_refused_and_closed() {
     );
     // A listener handoff without its socket is refused too.
     raw_send(&a, &listener_handoff().encode_to_vec(), &[]);
-    let err = b.recv().unwrap_err();
+    let err = b.recv::<SupervisorToWorker>().unwrap_err();
     assert!(
         matches!(
             err,
@@ -192,7 +202,7 @@ fn too_many_descriptors_is_ctrunc_and_nothing_leaks() {
     let before = open_fds();
     use prost::Message;
     raw_send(&a, &listener_handoff().encode_to_vec(), &raw);
-    let err = b.recv().unwrap_err();
+    let err = b.recv::<SupervisorToWorker>().unwrap_err();
     assert!(matches!(err, ChannelError::ControlTruncated), "{err}");
     assert_eq!(open_fds(), before, "descriptors that did arrive were not closed");
 }
@@ -201,15 +211,24 @@ fn garbage_and_close_are_typed() {
     let (a, b) = Channel::pair().unwrap();
     let before = open_fds();
     raw_send(&a, &[0xff, 0xff, 0xff], &[]);
-    assert!(matches!(b.recv().unwrap_err(), ChannelError::Decode { len: 3, .. }));
+    assert!(matches!(
+        b.recv::<WorkerToSupervisor>().unwrap_err(),
+        ChannelError::Decode { len: 3, .. }
+    ));
     // A valid protobuf message with no kind (e.g. another message type).
-    raw_send(&a, &[0x78, 0x01], &[]); // field 15, unknown to ChannelMessage
-    assert!(matches!(b.recv().unwrap_err(), ChannelError::Empty));
+    raw_send(&a, &[0x78, 0x01], &[]); // field 15, unknown to every link message
+    assert!(matches!(
+        b.recv::<WorkerToSupervisor>().unwrap_err(),
+        ChannelError::Empty
+    ));
     let big = vec![b'x'; rampart_command::channel::MAX_MESSAGE + 10];
     raw_send(&a, &big, &[]);
-    assert!(matches!(b.recv().unwrap_err(), ChannelError::Truncated));
-    let huge = ChannelMessage {
-        kind: Some(Kind::Log(proto::LogLine {
+    assert!(matches!(
+        b.recv::<WorkerToSupervisor>().unwrap_err(),
+        ChannelError::Truncated
+    ));
+    let huge = WorkerToSupervisor {
+        kind: Some(worker_to_supervisor::Kind::Log(proto::LogLine {
             level: 0,
             target: String::new(),
             message: "y".repeat(70_000),
@@ -217,14 +236,58 @@ fn garbage_and_close_are_typed() {
     };
     assert!(matches!(a.send(&huge, &[]).unwrap_err(), ChannelError::TooLarge { .. }));
     drop(a);
-    assert!(b.recv().unwrap().is_none());
+    assert!(b.recv::<WorkerToSupervisor>().unwrap().is_none());
     assert_eq!(open_fds(), before - 1, "only the dropped end is gone");
+}
+
+/// A message of one link sent on another is refused by its receiver: a private key meant for
+/// the keyring never decodes as anything a worker acts on, a worker's reply is nothing to a
+/// worker, and a listener handoff is nothing to the keyring.
+fn a_wrong_direction_message_is_refused() {
+    let (a, b) = Channel::pair().unwrap();
+    let key = SupervisorToKeyring {
+        kind: Some(supervisor_to_keyring::Kind::KeyMaterial(proto::KeyMaterial {
+            fingerprint: "ab".into(),
+            key: b"-----BEGIN PRIVATE KEY-----".to_vec(),
+            sequence: 1,
+        })),
+    };
+    a.send(&key, &[]).unwrap();
+    assert!(matches!(
+        b.recv::<SupervisorToWorker>().unwrap_err(),
+        ChannelError::Empty
+    ));
+    let reply = WorkerToSupervisor {
+        kind: Some(worker_to_supervisor::Kind::Reply(proto::WorkerReply::default())),
+    };
+    a.send(&reply, &[]).unwrap();
+    assert!(matches!(
+        b.recv::<SupervisorToWorker>().unwrap_err(),
+        ChannelError::Empty
+    ));
+    a.send(&log("to the keyring?"), &[]).unwrap();
+    assert!(matches!(
+        b.recv::<SupervisorToKeyring>().unwrap_err(),
+        ChannelError::Empty
+    ));
+    let sign = proto::WorkerToKeyring {
+        kind: Some(proto::worker_to_keyring::Kind::SignRequest(
+            proto::SignRequest::default(),
+        )),
+    };
+    a.send(&sign, &[]).unwrap();
+    assert!(matches!(
+        b.recv::<WorkerToSupervisor>().unwrap_err(),
+        ChannelError::Empty
+    ));
+    // The right receiver takes each of them.
+    a.send(&key, &[]).unwrap();
+    assert!(b.recv::<SupervisorToKeyring>().unwrap().is_some());
 }
 
 /// A request too large for one datagram travels in pieces and comes back whole.
 fn a_large_order_travels_in_pieces() {
     use rampart_command::channel::{MAX_MESSAGE, OrderAssembler, order_messages};
-    use rampart_command::proto::{self, channel_message::Kind};
     let requests: Vec<proto::Request> = (0..5000)
         .map(|i| proto::Request {
             id: String::new(),
@@ -246,11 +309,14 @@ fn a_large_order_travels_in_pieces() {
     let (a, b) = Channel::pair().unwrap();
     let mut assembler = OrderAssembler::default();
     let mut whole = None;
-    for m in &messages {
-        a.send(m, &[]).unwrap();
-        let received = b.recv().unwrap().unwrap();
+    for order in messages.clone() {
+        let message = SupervisorToWorker {
+            kind: Some(supervisor_to_worker::Kind::Order(order)),
+        };
+        a.send(&message, &[]).unwrap();
+        let received = b.recv::<SupervisorToWorker>().unwrap().unwrap();
         assert!(prost::Message::encoded_len(&received.message) <= MAX_MESSAGE);
-        let Some(Kind::Order(order)) = received.message.kind else {
+        let Some(supervisor_to_worker::Kind::Order(order)) = received.message.kind else {
             panic!()
         };
         if let Some(done) = assembler.push(order).unwrap() {

@@ -17,7 +17,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use rampart_command::channel::Channel;
-use rampart_command::proto::{self, ChannelMessage, channel_message::Kind};
+use rampart_command::proto::{
+    self, SupervisorToWorker, WorkerToSupervisor, supervisor_to_worker as from_supervisor,
+    worker_to_supervisor as to_supervisor,
+};
 use rampart_policy::profile::{Compare, Layers, Profile, Value};
 use rampart_sandbox::{Jail, JailReport, JailSetup, LandlockStatus};
 
@@ -366,14 +369,14 @@ fn run_probe(args: &ChildArgs, channel: &Channel, mut poll: mio::Poll, report: J
             };
             channel
                 .send(
-                    &ChannelMessage {
-                        kind: Some(Kind::Log(line)),
+                    &WorkerToSupervisor {
+                        kind: Some(to_supervisor::Kind::Log(line)),
                     },
                     &[],
                 )
                 .unwrap();
             // Stay alive until the parent has inspected us from outside.
-            let _ = channel.recv();
+            let _ = channel.recv::<SupervisorToWorker>();
             "ok".into()
         }
         "landlock_bind" | "landlock_connect_denied" | "landlock_connect_allowed" | "landlock_open" => {
@@ -441,7 +444,7 @@ fn run_probe(args: &ChildArgs, channel: &Channel, mut poll: mio::Poll, report: J
             format!("{}", v[i])
         }
         "relay" => {
-            let received = channel.recv().unwrap().unwrap();
+            let received = channel.recv::<SupervisorToWorker>().unwrap().unwrap();
             let listener_fd = received.fds.into_iter().next().unwrap();
             let mut listener = mio::net::TcpListener::from_std(TcpListener::from(listener_fd));
             poll.registry()
@@ -502,8 +505,8 @@ fn run_probe(args: &ChildArgs, channel: &Channel, mut poll: mio::Poll, report: J
         }
         "tls" => {
             // The certificate arrives as a configuration order, the listener as a handoff.
-            let order = channel.recv().unwrap().unwrap();
-            let Some(Kind::Order(proto::WorkerOrder {
+            let order = channel.recv::<SupervisorToWorker>().unwrap().unwrap();
+            let Some(from_supervisor::Kind::Order(proto::WorkerOrder {
                 request:
                     Some(proto::Request {
                         kind: Some(proto::request::Kind::AddCertificate(cert)),
@@ -514,7 +517,7 @@ fn run_probe(args: &ChildArgs, channel: &Channel, mut poll: mio::Poll, report: J
             else {
                 return "expected a certificate".into();
             };
-            let received = channel.recv().unwrap().unwrap();
+            let received = channel.recv::<SupervisorToWorker>().unwrap().unwrap();
             let mut listener =
                 mio::net::TcpListener::from_std(TcpListener::from(received.fds.into_iter().next().unwrap()));
             let mut acceptor =
@@ -711,8 +714,8 @@ fn relays_tcp_through_a_received_listener(port: u16) -> Result<(), String> {
     let front = TcpListener::bind("127.0.0.1:0").unwrap();
     let front_addr = front.local_addr().unwrap();
     let probe = spawn("relay", port, &[]);
-    let handoff = ChannelMessage {
-        kind: Some(Kind::Listener(proto::ListenerHandoff {
+    let handoff = SupervisorToWorker {
+        kind: Some(from_supervisor::Kind::Listener(proto::ListenerHandoff {
             address: front_addr.to_string(),
             protocol: proto::Protocol::Tcp as i32,
         })),
@@ -776,8 +779,8 @@ fn tls_handshake_from_channel_bytes(port: u16) -> Result<(), String> {
         key,
         names: vec![],
     };
-    let order = ChannelMessage {
-        kind: Some(Kind::Order(proto::WorkerOrder {
+    let order = SupervisorToWorker {
+        kind: Some(from_supervisor::Kind::Order(proto::WorkerOrder {
             sequence: 1,
             request: Some(proto::Request {
                 id: "cert".into(),
@@ -788,8 +791,8 @@ fn tls_handshake_from_channel_bytes(port: u16) -> Result<(), String> {
         })),
     };
     probe.channel.send(&order, &[]).unwrap();
-    let handoff = ChannelMessage {
-        kind: Some(Kind::Listener(proto::ListenerHandoff {
+    let handoff = SupervisorToWorker {
+        kind: Some(from_supervisor::Kind::Listener(proto::ListenerHandoff {
             address: addr.to_string(),
             protocol: proto::Protocol::Https as i32,
         })),
@@ -871,17 +874,17 @@ fn report_and_outside_view(port: u16) -> Result<(), String> {
     let probe = spawn("report", port, &[]);
     let received = probe
         .channel
-        .recv()
+        .recv::<WorkerToSupervisor>()
         .map_err(|e| e.to_string())?
         .ok_or("child closed its channel")?;
-    let Some(Kind::Log(line)) = received.message.kind else {
+    let Some(to_supervisor::Kind::Log(line)) = received.message.kind else {
         return Err("expected the report".into());
     };
     let report: JailReport = serde_json::from_str(&line.message).map_err(|e| e.to_string())?;
     let checks = check_report(&report, probe.child.id() as i32);
     let _ = probe.channel.send(
-        &ChannelMessage {
-            kind: Some(Kind::Log(proto::LogLine::default())),
+        &SupervisorToWorker {
+            kind: Some(from_supervisor::Kind::TicketKeys(proto::TicketKeys::default())),
         },
         &[],
     );

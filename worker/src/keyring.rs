@@ -21,7 +21,11 @@ use boring::ssl::{PrivateKeyMethod, PrivateKeyMethodError, Ssl, SslRef, SslSigna
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use rampart_command::channel::{Channel, ChannelError};
-use rampart_command::proto::{self, ChannelMessage, channel_message::Kind, request::Kind as RequestKind};
+use rampart_command::proto::{
+    self, KeyringToWorker, SupervisorToKeyring, WorkerToKeyring, WorkerToSupervisor, keyring_to_worker,
+    request::Kind as RequestKind, supervisor_to_keyring as from_supervisor, worker_to_keyring,
+    worker_to_supervisor as to_supervisor,
+};
 use rampart_policy::profile::Profile;
 use zeroize::Zeroize;
 
@@ -226,14 +230,14 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
         for event in events.iter() {
             if event.token() == SUPERVISOR {
                 loop {
-                    let received = match channel.recv() {
+                    let received = match channel.recv::<SupervisorToKeyring>() {
                         Ok(Some(r)) => r,
                         Ok(None) => return 0,
                         Err(ChannelError::Receive(e)) if e as i32 == libc::EAGAIN => break,
                         Err(_) => continue,
                     };
                     match received.message.kind {
-                        Some(Kind::KeyringLink(_)) => {
+                        Some(from_supervisor::Kind::KeyringLink(_)) => {
                             if let Some(fd) = received.fds.into_iter().next() {
                                 let link = Channel::from(fd);
                                 let entry = workers.vacant_entry();
@@ -251,7 +255,7 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                                 }
                             }
                         }
-                        Some(Kind::KeyMaterial(mut material)) => {
+                        Some(from_supervisor::Kind::KeyMaterial(mut material)) => {
                             let loaded = PKey::private_key_from_pem(&material.key)
                                 .map_err(|e| format!("the key does not parse: {e}"));
                             material.key.zeroize();
@@ -267,8 +271,8 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                                         message: message.clone(),
                                     };
                                     let _ = channel.send(
-                                        &ChannelMessage {
-                                            kind: Some(Kind::Log(line)),
+                                        &WorkerToSupervisor {
+                                            kind: Some(to_supervisor::Kind::Log(line)),
                                         },
                                         &[],
                                     );
@@ -278,10 +282,10 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                                 }
                             }
                         }
-                        Some(Kind::KeyForget(forget)) => {
+                        Some(from_supervisor::Kind::KeyForget(forget)) => {
                             keys.remove(&forget.fingerprint.to_ascii_lowercase());
                         }
-                        Some(Kind::Order(piece)) => {
+                        Some(from_supervisor::Kind::Order(piece)) => {
                             // A large order comes in pieces: answered once, for the last one.
                             let order = match assembler.push(piece) {
                                 Ok(Some(order)) => order,
@@ -293,8 +297,8 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                                         message: format!("bad order from the supervisor: {e}"),
                                     };
                                     let _ = channel.send(
-                                        &ChannelMessage {
-                                            kind: Some(Kind::Log(line)),
+                                        &WorkerToSupervisor {
+                                            kind: Some(to_supervisor::Kind::Log(line)),
                                         },
                                         &[],
                                     );
@@ -329,8 +333,8 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                                 response: None,
                             };
                             let _ = channel.send(
-                                &ChannelMessage {
-                                    kind: Some(Kind::Reply(reply)),
+                                &WorkerToSupervisor {
+                                    kind: Some(to_supervisor::Kind::Reply(reply)),
                                 },
                                 &[],
                             );
@@ -345,7 +349,7 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                 let key = event.token().0 - 1;
                 let mut closed = false;
                 while let Some((link, _)) = workers.get(key) {
-                    let received = match link.recv() {
+                    let received = match link.recv::<WorkerToKeyring>() {
                         Ok(Some(r)) => r,
                         Ok(None) => {
                             closed = true;
@@ -354,7 +358,7 @@ pub fn run(channel_fd: RawFd, launch: WorkerLaunch) -> i32 {
                         Err(ChannelError::Receive(e)) if e as i32 == libc::EAGAIN => break,
                         Err(_) => continue,
                     };
-                    if let Some(Kind::SignRequest(request)) = received.message.kind {
+                    if let Some(worker_to_keyring::Kind::SignRequest(request)) = received.message.kind {
                         let result = keys
                             .get(&request.fingerprint)
                             .ok_or_else(|| format!("no key for certificate {}", request.fingerprint))
@@ -390,8 +394,8 @@ fn flush_replies(workers: &mut slab::Slab<(Channel, std::collections::VecDeque<p
         return;
     };
     while let Some(reply) = queue.front() {
-        let message = ChannelMessage {
-            kind: Some(Kind::SignReply(reply.clone())),
+        let message = KeyringToWorker {
+            kind: Some(keyring_to_worker::Kind::SignReply(reply.clone())),
         };
         match link.send(&message, &[]) {
             Ok(()) => {

@@ -30,7 +30,11 @@ use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use rampart_command::channel::{Channel, ChannelError};
-use rampart_command::proto::{self, ChannelMessage, channel_message::Kind, request::Kind as RequestKind};
+use rampart_command::proto::{
+    self, KeyringToWorker, SupervisorToWorker, WorkerToKeyring, WorkerToSupervisor, keyring_to_worker,
+    request::Kind as RequestKind, supervisor_to_worker as from_supervisor, worker_to_keyring,
+    worker_to_supervisor as to_supervisor,
+};
 use rampart_command::state::{State, is_state_change};
 use rampart_policy::profile::{Profile, WorkerJailParams};
 use rampart_sandbox::{Jail, JailSetup};
@@ -321,8 +325,8 @@ pub(crate) fn enter_jail(
                 message: format!("{who} could not enter its jail: {e}"),
             };
             let _ = channel.send(
-                &ChannelMessage {
-                    kind: Some(Kind::Log(line)),
+                &WorkerToSupervisor {
+                    kind: Some(to_supervisor::Kind::Log(line)),
                 },
                 &[],
             );
@@ -331,8 +335,8 @@ pub(crate) fn enter_jail(
     };
     let Some(poll) = poll else { return Err(3) };
     report.notes.extend(notes);
-    let message = ChannelMessage {
-        kind: Some(Kind::JailReport(jail_report(&report))),
+    let message = WorkerToSupervisor {
+        kind: Some(to_supervisor::Kind::JailReport(jail_report(&report))),
     };
     if channel.send(&message, &[]).is_err() {
         return Err(4);
@@ -401,8 +405,8 @@ impl Worker {
             message,
         };
         let _ = self.channel.send(
-            &ChannelMessage {
-                kind: Some(Kind::Log(line)),
+            &WorkerToSupervisor {
+                kind: Some(to_supervisor::Kind::Log(line)),
             },
             &[],
         );
@@ -664,7 +668,7 @@ impl Worker {
     /// Handles every message waiting on the channel. Returns an exit code when the worker must end.
     fn drain_channel(&mut self) -> Option<i32> {
         loop {
-            let received = match self.channel.recv() {
+            let received = match self.channel.recv::<SupervisorToWorker>() {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     // The supervisor is gone: so are we (PDEATHSIG would follow anyway).
@@ -682,7 +686,7 @@ impl Worker {
                 }
             };
             match received.message.kind {
-                Some(Kind::Listener(handoff)) => {
+                Some(from_supervisor::Kind::Listener(handoff)) => {
                     let Some(fd) = received.fds.into_iter().next() else {
                         continue;
                     };
@@ -700,7 +704,7 @@ impl Worker {
                     self.refresh_listener_info();
                     self.sync_listeners();
                 }
-                Some(Kind::KeyringLink(_)) => {
+                Some(from_supervisor::Kind::KeyringLink(_)) => {
                     let Some(fd) = received.fds.into_iter().next() else {
                         continue;
                     };
@@ -716,11 +720,11 @@ impl Worker {
                         self.keyring = Some(link);
                     }
                 }
-                Some(Kind::TicketKeys(keys)) => {
+                Some(from_supervisor::Kind::TicketKeys(keys)) => {
                     self.ticket_key = Some(keys.key);
                     self.tls_stale = true;
                 }
-                Some(Kind::Order(piece)) => match self.assembler.push(piece) {
+                Some(from_supervisor::Kind::Order(piece)) => match self.assembler.push(piece) {
                     Ok(Some(order)) => {
                         if let Some(code) = self.order(order) {
                             return Some(code);
@@ -729,7 +733,7 @@ impl Worker {
                     Ok(None) => {}
                     Err(e) => self.log(LOG_ERROR, format!("bad order from the supervisor: {e}")),
                 },
-                _ => self.log(LOG_WARN, "unexpected message kind from the supervisor".into()),
+                None => self.log(LOG_WARN, "a message without a kind from the supervisor".into()),
             }
         }
     }
@@ -749,8 +753,8 @@ impl Worker {
         };
         // The link holds a handful of datagrams: what does not fit waits for it to drain.
         while let Some(r) = self.keyring_queue.front() {
-            let message = ChannelMessage {
-                kind: Some(Kind::SignRequest(r.clone())),
+            let message = WorkerToKeyring {
+                kind: Some(worker_to_keyring::Kind::SignRequest(r.clone())),
             };
             match link.send(&message, &[]) {
                 Ok(()) => {
@@ -783,7 +787,7 @@ impl Worker {
     fn drain_keyring(&mut self, now: Instant) {
         loop {
             let Some(link) = &self.keyring else { return };
-            let received = match link.recv() {
+            let received = match link.recv::<KeyringToWorker>() {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     self.keyring_lost(now, "the keyring closed its link");
@@ -792,7 +796,7 @@ impl Worker {
                 Err(ChannelError::Receive(e)) if e as i32 == libc::EAGAIN => return,
                 Err(_) => continue,
             };
-            if let Some(Kind::SignReply(reply)) = received.message.kind {
+            if let Some(keyring_to_worker::Kind::SignReply(reply)) = received.message.kind {
                 let session = self.keyring_client.lock().ok().and_then(|mut c| c.reply(reply));
                 if let Some(key) = session {
                     self.session_event(key, false, true, true, now);
@@ -831,8 +835,8 @@ impl Worker {
             response: None,
         };
         let _ = self.channel.send(
-            &ChannelMessage {
-                kind: Some(Kind::Reply(reply)),
+            &WorkerToSupervisor {
+                kind: Some(to_supervisor::Kind::Reply(reply)),
             },
             &[],
         );

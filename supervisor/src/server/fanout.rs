@@ -382,12 +382,10 @@ impl Supervisor {
                 else {
                     continue;
                 };
-                let message = ChannelMessage {
-                    kind: Some(ChannelKind::Listener(proto::ListenerHandoff {
-                        address: address.clone(),
-                        protocol,
-                    })),
-                };
+                let message = to_worker(to_worker::Kind::Listener(proto::ListenerHandoff {
+                    address: address.clone(),
+                    protocol,
+                }));
                 self.send(id, message, Some(fd));
             }
         }

@@ -72,11 +72,9 @@ impl Supervisor {
                 .error(&format!("worker {worker}: cannot make its keyring link non-blocking"));
             return;
         }
-        let link = || ChannelMessage {
-            kind: Some(ChannelKind::KeyringLink(proto::KeyringLink { worker })),
-        };
-        self.send_owned(worker, link(), a.into_fd());
-        self.send_owned(keyring, link(), b.into_fd());
+        let link = proto::KeyringLink { worker };
+        self.send_owned(worker, to_worker(to_worker::Kind::KeyringLink(link)), a.into_fd());
+        self.send_owned(keyring, to_keyring(to_keyring::Kind::KeyringLink(link)), b.into_fd());
     }
 
     /// Gives the running keyring the keys it lacks and, with `forget`, has it forget those no
@@ -98,9 +96,7 @@ impl Supervisor {
         };
         for fingerprint in stale {
             self.keyring_keys.remove(&fingerprint);
-            let message = ChannelMessage {
-                kind: Some(ChannelKind::KeyForget(proto::KeyForget { fingerprint })),
-            };
+            let message = to_keyring(to_keyring::Kind::KeyForget(proto::KeyForget { fingerprint }));
             self.send(keyring, message, None);
         }
         let missing: Vec<String> = self
@@ -122,13 +118,11 @@ impl Supervisor {
                 None => continue,
             };
             self.keyring_keys.insert(fingerprint.clone());
-            let message = ChannelMessage {
-                kind: Some(ChannelKind::KeyMaterial(proto::KeyMaterial {
-                    fingerprint,
-                    key,
-                    sequence,
-                })),
-            };
+            let message = to_keyring(to_keyring::Kind::KeyMaterial(proto::KeyMaterial {
+                fingerprint,
+                key,
+                sequence,
+            }));
             self.send(keyring, message, None);
         }
     }

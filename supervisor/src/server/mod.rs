@@ -37,7 +37,10 @@ use rampart_command::config::Config;
 use rampart_command::framing::{FrameError, FrameReader, decode_request, encode_frame};
 use rampart_command::keyfile::KeyFile;
 use rampart_command::kinds::Handler;
-use rampart_command::proto::{self, ChannelMessage, channel_message::Kind as ChannelKind, request::Kind};
+use rampart_command::proto::{
+    self, SupervisorToKeyring, SupervisorToWorker, WorkerToSupervisor, request::Kind,
+    supervisor_to_keyring as to_keyring, supervisor_to_worker as to_worker, worker_to_supervisor,
+};
 use rampart_command::state::{State, certificate_fingerprint};
 use rampart_policy::profile::{ConnectRule, Profile, ProfileOptions, WorkerJailParams};
 use rampart_worker::{CHANNEL_FD, WorkerLaunch};
@@ -108,13 +111,27 @@ impl RunState {
     }
 }
 
+/// A message the supervisor sends the process of a slot, in the type of its link.
+enum Outgoing {
+    Worker(SupervisorToWorker),
+    Keyring(SupervisorToKeyring),
+}
+
+fn to_worker(kind: to_worker::Kind) -> Outgoing {
+    Outgoing::Worker(SupervisorToWorker { kind: Some(kind) })
+}
+
+fn to_keyring(kind: to_keyring::Kind) -> Outgoing {
+    Outgoing::Keyring(SupervisorToKeyring { kind: Some(kind) })
+}
+
 struct WorkerSlot {
     id: u32,
     pid: Option<Pid>,
     channel: Option<Channel>,
     stderr: Option<std::fs::File>,
     stderr_buf: Vec<u8>,
-    outbox: VecDeque<(ChannelMessage, Option<RawFd>, Option<OwnedFd>)>,
+    outbox: VecDeque<(Outgoing, Option<RawFd>, Option<OwnedFd>)>,
     run_state: RunState,
     keyring: bool,
     jail: Option<proto::JailReport>,
@@ -370,11 +387,9 @@ impl Supervisor {
         }
         self.ticket_key_made = now;
         for id in self.running_workers() {
-            let keys = ChannelMessage {
-                kind: Some(ChannelKind::TicketKeys(proto::TicketKeys {
-                    key: self.ticket_key.clone(),
-                })),
-            };
+            let keys = to_worker(to_worker::Kind::TicketKeys(proto::TicketKeys {
+                key: self.ticket_key.clone(),
+            }));
             self.send(id, keys, None);
         }
         self.log.info("TLS session ticket key rotated");

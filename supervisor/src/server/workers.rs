@@ -204,8 +204,8 @@ impl Supervisor {
         slot.run_state = RunState::Dead;
         slot.outbox.clear();
         slot.respawn_at = None;
-        let stop = ChannelMessage {
-            kind: Some(ChannelKind::Order(proto::WorkerOrder {
+        let stop = SupervisorToWorker {
+            kind: Some(to_worker::Kind::Order(proto::WorkerOrder {
                 sequence: 0,
                 request: Some(proto::Request {
                     id: String::new(),
@@ -264,7 +264,7 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn send(&mut self, id: u32, message: ChannelMessage, fd: Option<RawFd>) {
+    pub(super) fn send(&mut self, id: u32, message: Outgoing, fd: Option<RawFd>) {
         if let Some(slot) = self.workers.get_mut(id as usize) {
             slot.outbox.push_back((message, fd, None));
         }
@@ -272,7 +272,7 @@ impl Supervisor {
     }
 
     /// Sends a descriptor the message owns (closed once sent).
-    pub(super) fn send_owned(&mut self, id: u32, message: ChannelMessage, fd: OwnedFd) {
+    pub(super) fn send_owned(&mut self, id: u32, message: Outgoing, fd: OwnedFd) {
         if let Some(slot) = self.workers.get_mut(id as usize) {
             let raw = fd.as_raw_fd();
             slot.outbox.push_back((message, Some(raw), Some(fd)));
@@ -282,7 +282,13 @@ impl Supervisor {
 
     /// Sends a request as order `sequence`, in as many channel messages as its size needs.
     pub(super) fn send_order(&mut self, id: u32, sequence: u64, request: proto::Request) {
-        for message in rampart_command::channel::order_messages(sequence, request) {
+        let keyring = self.workers.get(id as usize).is_some_and(|w| w.keyring);
+        for order in rampart_command::channel::order_messages(sequence, request) {
+            let message = if keyring {
+                to_keyring(to_keyring::Kind::Order(order))
+            } else {
+                to_worker(to_worker::Kind::Order(order))
+            };
             self.send(id, message, None);
         }
     }
@@ -299,7 +305,11 @@ impl Supervisor {
                 .iter()
                 .map(|fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) })
                 .collect();
-            match channel.send(message, &borrowed) {
+            let sent = match message {
+                Outgoing::Worker(m) => channel.send(m, &borrowed),
+                Outgoing::Keyring(m) => channel.send(m, &borrowed),
+            };
+            match sent {
                 Ok(()) => {
                     slot.outbox.pop_front();
                 }
@@ -320,7 +330,7 @@ impl Supervisor {
                 return;
             };
             let Some(channel) = &slot.channel else { return };
-            let received = match channel.recv() {
+            let received = match channel.recv::<WorkerToSupervisor>() {
                 Ok(Some(r)) => r,
                 Ok(None) => return,
                 Err(ChannelError::Receive(nix::Error::EAGAIN)) => return,
@@ -331,9 +341,9 @@ impl Supervisor {
                 }
             };
             match received.message.kind {
-                Some(ChannelKind::JailReport(report)) => self.worker_jailed(id, report),
-                Some(ChannelKind::Reply(reply)) => self.worker_reply(id, reply),
-                Some(ChannelKind::Log(line)) => {
+                Some(worker_to_supervisor::Kind::JailReport(report)) => self.worker_jailed(id, report),
+                Some(worker_to_supervisor::Kind::Reply(reply)) => self.worker_reply(id, reply),
+                Some(worker_to_supervisor::Kind::Log(line)) => {
                     let text = format!("{}: {}", line.target, line.message);
                     match line.level {
                         rampart_worker::LOG_ERROR => self.log.error(&text),
@@ -341,7 +351,7 @@ impl Supervisor {
                         _ => self.log.info(&text),
                     }
                 }
-                _ => self.log.warn(&format!("worker {id}: unexpected message kind")),
+                None => self.log.warn(&format!("worker {id}: a message without a kind")),
             }
         }
     }
@@ -394,11 +404,9 @@ impl Supervisor {
             return;
         }
         // The ticket key, the state as the same requests the supervisor applied, the listeners.
-        let keys = ChannelMessage {
-            kind: Some(ChannelKind::TicketKeys(proto::TicketKeys {
-                key: self.ticket_key.clone(),
-            })),
-        };
+        let keys = to_worker(to_worker::Kind::TicketKeys(proto::TicketKeys {
+            key: self.ticket_key.clone(),
+        }));
         self.send(id, keys, None);
         for request in self.state.to_requests() {
             self.send_order(id, 0, request);
@@ -419,9 +427,7 @@ impl Supervisor {
             })
             .collect();
         for (address, protocol, fd) in handoffs {
-            let message = ChannelMessage {
-                kind: Some(ChannelKind::Listener(proto::ListenerHandoff { address, protocol })),
-            };
+            let message = to_worker(to_worker::Kind::Listener(proto::ListenerHandoff { address, protocol }));
             self.send(id, message, Some(fd));
         }
         // It accepts from now on: new connections may go to its socket again.
