@@ -132,6 +132,44 @@ fn process_gid(pid: i32) -> Option<u32> {
         .and_then(|g| g.parse().ok())
 }
 
+/// Why the supervisor's door could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditorError {
+    #[error("cannot create the audit log's directory {}: {source}", path.display())]
+    Directory {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The audit log refused a record (the request it was for must not proceed).
+    #[error("{0}")]
+    Log(#[from] rampart_audit::AuditError),
+    #[error("the audit log is closed")]
+    Closed,
+    #[error("{0}")]
+    Policy(#[from] rampart_policy::access::AccessError),
+    #[error(
+        "no access_policy file is configured: the built-in policy (root and the supervisor's uid are admin) has nothing to reload"
+    )]
+    NoPolicyFile,
+    #[error("the policy was not changed: {0}")]
+    PolicyNotReloaded(rampart_policy::access::AccessError),
+}
+
+/// A request the door refused: a stable code for the trail and a message for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `forbidden` or `rate_limited`.
+    pub code: &'static str,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// What a `completed` record says beyond the request it completes.
 pub struct Completion {
     pub outcome: Outcome,
@@ -163,11 +201,14 @@ pub fn peer(uid: u32, gid: u32, pid: i32) -> Peer {
 }
 
 impl Auditor {
-    pub fn open(config: &Config) -> Result<Auditor, String> {
+    pub fn open(config: &Config) -> Result<Auditor, AuditorError> {
         if let Some(dir) = config.audit_log.parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|source| AuditorError::Directory {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
         let options = AuditOptions {
             signing_key: config.audit.signing_key.clone(),
@@ -181,10 +222,10 @@ impl Auditor {
                 ..SyslogOptions::default()
             }),
         };
-        let log = AuditLog::open(&config.audit_log, options).map_err(|e| e.to_string())?;
+        let log = AuditLog::open(&config.audit_log, options)?;
         let own_uid = nix::unistd::Uid::current().as_raw();
         let policy = match &config.access_policy {
-            Some(path) => AccessPolicy::load(path).map_err(|e| e.to_string())?,
+            Some(path) => AccessPolicy::load(path)?,
             None => AccessPolicy::default_for(own_uid),
         }
         .with_state_dir(&config.state_dir);
@@ -198,10 +239,10 @@ impl Auditor {
         })
     }
 
-    fn append(&mut self, event: AuditEvent) -> Result<rampart_audit::Appended, String> {
+    fn append(&mut self, event: AuditEvent) -> Result<rampart_audit::Appended, AuditorError> {
         match &mut self.log {
-            Some(log) => log.append(event).map_err(|e| e.to_string()),
-            None => Err("the audit log is closed".into()),
+            Some(log) => Ok(log.append(event)?),
+            None => Err(AuditorError::Closed),
         }
     }
 
@@ -211,11 +252,9 @@ impl Auditor {
     }
 
     /// A new command connection: refused when the uid has too many open already.
-    pub fn connection_opened(&mut self, peer: &Peer) -> Result<(), String> {
+    pub fn connection_opened(&mut self, peer: &Peer) -> Result<(), rampart_policy::access::AccessError> {
         let limits = self.policy.limits_for(peer);
-        self.limiter
-            .acquire_connection(peer.uid, &limits, Instant::now())
-            .map_err(|e| e.to_string())
+        self.limiter.acquire_connection(peer.uid, &limits, Instant::now())
     }
 
     pub fn connection_closed(&mut self, peer: &Peer) {
@@ -238,7 +277,7 @@ impl Auditor {
     }
 
     /// May `peer` send `request` now? A refusal is audited and its reason returned.
-    pub fn authorize(&mut self, peer: &Peer, request: &proto::Request, state: &State) -> Result<(), String> {
+    pub fn authorize(&mut self, peer: &Peer, request: &proto::Request, state: &State) -> Result<(), Refusal> {
         let refusal = match self.policy.authorize(peer, request, state) {
             Decision::Deny { reason, .. } => Some(("forbidden", format!("permission denied: {reason}"))),
             Decision::Allow { .. } => {
@@ -254,7 +293,7 @@ impl Auditor {
             None => Ok(()),
             Some((code, reason)) => {
                 self.denied(peer, request, code, &reason);
-                Err(reason)
+                Err(Refusal { code, reason })
             }
         }
     }
@@ -283,20 +322,28 @@ impl Auditor {
     /// The access policy alone, without charging the rate limit: for the batch a request
     /// became once the supervisor computed it (`apply_state`, `load_state`), whose sender was
     /// already authorized and counted. A refusal is audited.
-    pub fn authorize_computed(&mut self, peer: &Peer, request: &proto::Request, state: &State) -> Result<(), String> {
+    pub fn authorize_computed(&mut self, peer: &Peer, request: &proto::Request, state: &State) -> Result<(), Refusal> {
         match self.policy.authorize(peer, request, state) {
             Decision::Allow { .. } => Ok(()),
             Decision::Deny { reason, .. } => {
                 let reason = format!("permission denied: {reason}");
                 self.denied(peer, request, "forbidden", &reason);
-                Err(reason)
+                Err(Refusal {
+                    code: "forbidden",
+                    reason,
+                })
             }
         }
     }
 
     /// Writes and flushes the `received` record; an error means the request must not proceed.
     /// `state_hash`: the running state's hash before the request, for state changes.
-    pub fn received(&mut self, peer: &Peer, request: &proto::Request, state_hash: Option<&str>) -> Result<u64, String> {
+    pub fn received(
+        &mut self,
+        peer: &Peer,
+        request: &proto::Request,
+        state_hash: Option<&str>,
+    ) -> Result<u64, AuditorError> {
         let event = AuditEvent::received(self.actor(peer), request, state_hash.map(str::to_string));
         self.append(event).map(|a| a.seq)
     }
@@ -360,30 +407,29 @@ impl Auditor {
         self.policy.to_text()
     }
 
-    pub fn state_path(&self, requested: &str) -> Result<std::path::PathBuf, String> {
-        self.policy.state_path(requested).map_err(|e| e.to_string())
+    pub fn state_path(&self, requested: &str) -> Result<std::path::PathBuf, rampart_policy::access::AccessError> {
+        self.policy.state_path(requested)
     }
 
     /// Reads the access policy file again (an admin request, authorized before this call). The
     /// running policy stays when the file is invalid.
-    pub fn reload_policy(&mut self) -> Result<String, String> {
+    pub fn reload_policy(&mut self) -> Result<String, AuditorError> {
         let Some(path) = self.policy_file.clone() else {
-            return Err("no access_policy file is configured: the built-in policy (root and the supervisor's uid are admin) has nothing to reload".into());
+            return Err(AuditorError::NoPolicyFile);
         };
-        let policy = AccessPolicy::load(&path).map_err(|e| format!("the policy was not changed: {e}"))?;
+        let policy = AccessPolicy::load(&path).map_err(AuditorError::PolicyNotReloaded)?;
         self.policy = policy.with_state_dir(&self.state_dir);
         let message = format!("access policy reloaded from {}", path.display());
         Ok(message)
     }
 
     /// Starts a new audit file, chained to the previous one.
-    pub fn rotate(&mut self) -> Result<String, String> {
+    pub fn rotate(&mut self) -> Result<String, AuditorError> {
         match &mut self.log {
-            Some(log) => log
+            Some(log) => Ok(log
                 .rotate()
-                .map(|p| format!("audit log rotated; previous file is {}", p.display()))
-                .map_err(|e| e.to_string()),
-            None => Err("the audit log is closed".into()),
+                .map(|p| format!("audit log rotated; previous file is {}", p.display()))?),
+            None => Err(AuditorError::Closed),
         }
     }
 

@@ -1,7 +1,27 @@
-//! `rampart`: the supervisor, the worker entry point, and the command-line client, in one binary.
+//! `rampart`: one binary, four roles. Each process's privileges, at its door:
+//!
+//! - **supervisor** (`rampart start`, [`server`]): starts as root (or with
+//!   CAP_NET_BIND_SERVICE). It reads the configuration, the certificates and keys, opens the
+//!   audit log, binds every listener and the command socket, then narrows itself
+//!   ([`rampart_policy::supervisor`]): seven capabilities kept, landlock to its own directories
+//!   and binary. It holds the authoritative state, authorizes and records every request, and
+//!   starts, verifies, replaces and respawns the other processes.
+//! - **worker** (`rampart worker`, [`rampart_worker::run`]): started by the supervisor with an
+//!   empty environment and one descriptor, its channel. Before it reads a byte it drops to
+//!   `worker_user` with no capability, and enters landlock (no file, no bind, connect to backend
+//!   ports only) and a seccomp allow-list. It proxies the traffic of the listening sockets it is
+//!   handed; it holds no private key under key isolation.
+//! - **keyring** (`rampart keyring`, [`rampart_worker::keyring::run`]): jailed like a worker but
+//!   with no network system call at all; holds the private keys and signs for the workers.
+//! - **client** (every other subcommand, [`cli`]): an ordinary peer of the command socket,
+//!   authorized by the supervisor's access policy like any other; `audit`, `config`, `policy` and
+//!   `sandbox` work offline.
+//!
+//! Exit codes: [`Exit`].
 
+mod args;
 mod audit;
-mod client;
+mod cli;
 mod log;
 mod server;
 mod wipe;
@@ -9,106 +29,33 @@ mod wipe;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use args::{Cli, Command, ConfigAction, PolicyAction, SandboxAction};
+use clap::Parser;
 use rampart_command::config::Config;
 use rampart_policy::profile::{Profile, ProfileOptions};
 
 #[global_allocator]
 static ALLOCATOR: wipe::WipingAllocator = wipe::WipingAllocator;
 
+/// The exit codes of every role of the binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exit {
+    Success = 0,
+    /// The supervisor refused a request, a check found a problem, or the supervisor could not
+    /// start.
+    Failed = 1,
+    /// Unusable input: a configuration or launch parameters that do not parse, an unreadable
+    /// file, no connection to the command socket.
+    BadInput = 2,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> ExitCode {
+        ExitCode::from(exit as u8)
+    }
+}
+
 pub(crate) const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("RAMPART_GIT_REVISION"), ")");
-
-#[derive(Parser)]
-#[command(name = "rampart", version = VERSION, about = "A reverse proxy whose workers run jailed")]
-struct Cli {
-    /// The configuration file (the embedded default when absent); clients find the command
-    /// socket in it.
-    #[arg(short, long, global = true)]
-    config: Option<PathBuf>,
-    /// The command socket (overrides the configuration's `command_socket`).
-    #[arg(short = 's', long, global = true)]
-    socket: Option<PathBuf>,
-    /// Machine-readable output.
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Start the supervisor and its workers.
-    Start {
-        /// Run the workers WITHOUT their jail, to measure what the jail costs. Refused when the
-        /// configuration requires landlock.
-        #[arg(long)]
-        sandbox_off: bool,
-    },
-    /// A worker process (started by the supervisor, never by hand).
-    #[command(hide = true)]
-    Worker {
-        #[arg(long)]
-        channel_fd: i32,
-        #[arg(long)]
-        launch: String,
-    },
-    /// The keyring process (started by the supervisor, never by hand).
-    #[command(hide = true)]
-    Keyring {
-        #[arg(long)]
-        channel_fd: i32,
-        #[arg(long)]
-        launch: String,
-    },
-    /// The audit trail: verify, show, export, keygen.
-    Audit {
-        #[command(subcommand)]
-        command: rampart_audit::cli::AuditCommand,
-    },
-    /// Validate a configuration file.
-    Config {
-        #[command(subcommand)]
-        action: ConfigAction,
-    },
-    /// What a jailed worker may do.
-    Policy {
-        #[command(subcommand)]
-        action: PolicyAction,
-    },
-    #[command(flatten)]
-    Client(client::ClientCommand),
-    /// What this kernel can enforce.
-    Sandbox {
-        #[command(subcommand)]
-        action: SandboxAction,
-    },
-}
-
-#[derive(Subcommand)]
-enum PolicyAction {
-    /// Print the effective worker sandbox profile of a configuration.
-    Show {
-        /// The keyring's profile instead (the process that holds private keys).
-        #[arg(long, conflicts_with = "supervisor")]
-        keyring: bool,
-        /// What the supervisor keeps after start instead: capabilities and landlock paths.
-        #[arg(long)]
-        supervisor: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum SandboxAction {
-    /// Enter the worker jail in a throwaway process and report which layers hold; exits 1 when
-    /// a layer the configuration requires is missing.
-    Check,
-}
-
-#[derive(Subcommand)]
-enum ConfigAction {
-    /// Validate a configuration file: print its first error with file and line, or a summary.
-    Check,
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -139,7 +86,7 @@ fn main() -> ExitCode {
                     Err(code) => return code,
                 },
             };
-            client::run(command, &socket, json)
+            cli::run(command, &socket, json)
         }
     }
 }
@@ -155,10 +102,10 @@ fn start(path: Option<PathBuf>, sandbox_off: bool) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(1);
+            return Exit::Failed.into();
         }
     };
-    ExitCode::from(u8::try_from(supervisor.run()).unwrap_or(1))
+    ExitCode::from(u8::try_from(supervisor.run()).unwrap_or(Exit::Failed as u8))
 }
 
 /// The supervisor holds a descriptor per listener and worker slot, per command connection, and
@@ -186,7 +133,7 @@ fn worker(channel_fd: i32, launch: &str, keyring: bool) -> ExitCode {
         Ok(l) => l,
         Err(e) => {
             eprintln!("rampart worker: bad launch parameters: {e}");
-            return ExitCode::from(2);
+            return Exit::BadInput.into();
         }
     };
     let code = if keyring {
@@ -194,7 +141,7 @@ fn worker(channel_fd: i32, launch: &str, keyring: bool) -> ExitCode {
     } else {
         rampart_worker::run(channel_fd, launch)
     };
-    ExitCode::from(u8::try_from(code).unwrap_or(1))
+    ExitCode::from(u8::try_from(code).unwrap_or(Exit::Failed as u8))
 }
 
 fn load_config(path: &Option<PathBuf>) -> Result<Config, ExitCode> {
@@ -204,7 +151,7 @@ fn load_config(path: &Option<PathBuf>) -> Result<Config, ExitCode> {
     };
     config.map_err(|e| {
         eprintln!("error: {e}");
-        ExitCode::from(2)
+        Exit::BadInput.into()
     })
 }
 
@@ -226,7 +173,7 @@ fn policy_show(path: Option<PathBuf>, json: bool, keyring: bool, supervisor: boo
         } else {
             print!("{}", profile.to_text());
         }
-        return ExitCode::SUCCESS;
+        return Exit::Success.into();
     }
     let profile = if keyring {
         let params = rampart_policy::profile::WorkerJailParams::from_config(&config, ProfileOptions::default());
@@ -243,7 +190,7 @@ fn policy_show(path: Option<PathBuf>, json: bool, keyring: bool, supervisor: boo
     } else {
         print!("{}", profile.to_text());
     }
-    ExitCode::SUCCESS
+    Exit::Success.into()
 }
 
 fn sandbox_check(path: Option<PathBuf>, json: bool) -> ExitCode {
@@ -306,9 +253,9 @@ fn sandbox_check(path: Option<PathBuf>, json: bool) -> ExitCode {
         eprintln!("missing: {m}");
     }
     if missing.is_empty() {
-        ExitCode::SUCCESS
+        Exit::Success.into()
     } else {
-        ExitCode::from(1)
+        Exit::Failed.into()
     }
 }
 
@@ -343,11 +290,11 @@ fn config_check(path: Option<PathBuf>, json: bool) -> ExitCode {
                     s.state_hash
                 );
             }
-            ExitCode::SUCCESS
+            Exit::Success.into()
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(1)
+            Exit::Failed.into()
         }
     }
 }

@@ -102,7 +102,11 @@ impl Supervisor {
             }
             self.flush_client(victim);
             self.close_client(victim);
-            return self.audit.connection_opened(peer).map(|()| false);
+            return self
+                .audit
+                .connection_opened(peer)
+                .map(|()| false)
+                .map_err(|e| e.to_string());
         }
         let reserve_free = !self.clients.iter().any(|(_, c)| c.reserved);
         if reserve_free && self.audit.is_admin(peer) {

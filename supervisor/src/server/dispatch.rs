@@ -29,7 +29,7 @@ impl Supervisor {
                 "uid {} pid {}: {} refused: {reason}",
                 peer.uid, peer.pid, info.name
             ));
-            self.respond(key, &id, false, reason, None);
+            self.respond(key, &id, false, reason.reason, None);
             return;
         }
         if info.handler == Handler::NotAvailable {
@@ -172,8 +172,8 @@ impl Supervisor {
                 base_state_hash: self.state_hash.clone(),
             })),
         };
-        if let Err(reason) = self.audit.authorize_computed(&peer, &batch, &self.state) {
-            self.respond(key, id, false, reason, None);
+        if let Err(refusal) = self.audit.authorize_computed(&peer, &batch, &self.state) {
+            self.respond(key, id, false, refusal.reason, None);
             return;
         }
         self.state_change(key, peer, batch, Ok(()), content);
@@ -198,13 +198,15 @@ impl Supervisor {
             }
         };
         let result = match &request.kind {
-            Some(Kind::SaveState(p)) => self.audit.state_path(&p.path).and_then(|path| {
-                self.write_state_file(&path)
-                    .map(|n| format!("saved {n} request(s) to {}", path.display()))
-            }),
+            Some(Kind::SaveState(p)) => match self.audit.state_path(&p.path) {
+                Ok(path) => self
+                    .write_state_file(&path)
+                    .map(|n| format!("saved {n} request(s) to {}", path.display())),
+                Err(e) => Err(e.to_string()),
+            },
             Some(Kind::SoftStop(_)) => Ok(self.begin_stop(false)),
             Some(Kind::HardStop(_)) => Ok(self.begin_stop(true)),
-            Some(Kind::ReloadPolicy(_)) => self.audit.reload_policy(),
+            Some(Kind::ReloadPolicy(_)) => self.audit.reload_policy().map_err(|e| e.to_string()),
             Some(Kind::SetLoggingLevel(level)) => self
                 .log
                 .set_level(&level.filter)
@@ -245,7 +247,7 @@ impl Supervisor {
 
     /// The requests of a saved state file, inside the state directory.
     fn read_state_file(&self, requested: &str) -> Result<Vec<proto::Request>, String> {
-        let path = self.audit.state_path(requested)?;
+        let path = self.audit.state_path(requested).map_err(|e| e.to_string())?;
         let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let loaded = State::load(io::BufReader::new(file)).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(loaded.to_requests())

@@ -81,7 +81,7 @@ pub enum StartError {
     #[error("invalid certificate in the configuration: {0}")]
     Certificate(String),
     #[error("the audit log cannot be opened: {0}")]
-    Audit(String),
+    Audit(crate::audit::AuditorError),
     #[error("cannot create {}: {source}", path.display())]
     Directory { path: PathBuf, source: io::Error },
     #[error("the supervisor cannot narrow its own privileges: {0}")]
