@@ -865,6 +865,15 @@ fn tenant_check(grant: &Grant, kind: &Kind, name: &str, state: &State) -> Result
         }
         names.iter().try_for_each(|n| hostname(n))
     };
+    // The names a new certificate will serve: those given, or the ones it holds (what the state
+    // fills in), so a tenant's certificate is bound to its hostnames either way.
+    let new_names = |c: &proto::Certificate| -> Result<(), String> {
+        if !c.names.is_empty() {
+            return names("a certificate", &c.names);
+        }
+        let held = state::certificate_names(&c.certificate).map_err(|e| format!("{name}: {e}"))?;
+        names("a certificate", &held)
+    };
     let installed = |address: &str, fingerprint: &str| -> Result<(), String> {
         let address = state::canonical_address(address).map_err(|e| format!("{name}: {e}"))?;
         let fingerprint = fingerprint.to_ascii_lowercase();
@@ -895,14 +904,14 @@ fn tenant_check(grant: &Grant, kind: &Kind, name: &str, state: &State) -> Result
             }
             cluster(&f.cluster_id)
         }
-        Kind::AddCertificate(c) => names("a certificate", &c.names),
+        Kind::AddCertificate(c) => new_names(c),
         Kind::ReplaceCertificate(r) => {
             installed(&r.address, &r.old_fingerprint)?;
             let new = r
                 .new_certificate
                 .as_ref()
                 .ok_or_else(|| format!("{name}: the request has no new certificate"))?;
-            names("a certificate", &new.names)
+            new_names(new)
         }
         Kind::RemoveCertificate(c) => installed(&c.address, &c.fingerprint),
         _ => Err(format!("role tenant may not {name}")),
@@ -1461,5 +1470,30 @@ role = "viewer"
             RequestClass::Mutating
         );
         assert_eq!(RequestClass::of(&req(Kind::Status(Empty {}))), RequestClass::ReadOnly);
+    }
+
+    /// A tenant's certificate without explicit names is bound by the names it holds (its
+    /// subjectAltName, else its common name), the names the state gives it.
+    #[test]
+    fn a_tenant_certificate_is_judged_by_the_names_it_serves() {
+        let p = AccessPolicy::parse(
+            "[[grant]]\nuid = 1001\nrole = \"tenant\"\ncluster_patterns = [\"shop-*\"]\nhostname_patterns = [\"shop.example\", \"*.shop.example\"]\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let add = |pem: &str| {
+            req(Kind::AddCertificate(Certificate {
+                address: "127.0.0.1:443".into(),
+                certificate: pem.into(),
+                ..Default::default()
+            }))
+        };
+        let own = include_str!("../../command/src/testdata/san.pem");
+        assert!(allowed(&p, 1001, &add(own)), "its own names, from the subjectAltName");
+        let other = include_str!("../../command/src/testdata/cn-only.pem");
+        let Decision::Deny { reason, .. } = p.authorize(&peer(1001), &add(other), &State::new()) else {
+            panic!("a certificate for another tenant's name was allowed");
+        };
+        assert!(reason.contains("legacy.example"), "{reason}");
     }
 }
