@@ -2,7 +2,7 @@
 //! recorded `completed`) once each of them acknowledged it, refused it, ended, or timed out.
 //!
 //! The supervisor's state is the authority. A worker that refused a change it was sent, or did
-//! not answer within [`WORKER_ACK_TIMEOUT`], no longer serves the recorded configuration, so it
+//! not answer within [`WORKER_ACK_TIMEOUT`] (more for a large batch), no longer serves the recorded configuration, so it
 //! is replaced: a new worker takes its slot (the same listening sockets, so no accept queue is
 //! lost) and is built from the supervisor's state, while the old one stops accepting and drains
 //! its connections for at most `timeouts.shutdown_grace`. A process that ended is respawned from
@@ -73,7 +73,7 @@ impl Supervisor {
                     process: self.process_name(id),
                     pid,
                     result: ProcessResult::TimedOut,
-                    message: Some(format!("no answer within {} s", WORKER_ACK_TIMEOUT.as_secs())),
+                    message: Some("no answer within the acknowledgement timeout".into()),
                     replaced: false,
                 })
                 .collect();
@@ -297,7 +297,7 @@ impl Supervisor {
             state_after: self.state_hash.clone(),
             waiting: BTreeMap::new(),
             results: Vec::new(),
-            deadline: Instant::now() + WORKER_ACK_TIMEOUT,
+            deadline: Instant::now() + ack_timeout(&request),
             message,
             content,
         };

@@ -58,6 +58,17 @@ const WORKER_BASE: usize = 100;
 const CLIENT_BASE: usize = 100_000;
 /// How long a request waits for every worker's acknowledgement.
 const WORKER_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// More time per request of a large batch: a worker applying 100,000 frontends is slow, not stuck.
+const WORKER_ACK_PER_THOUSAND: Duration = Duration::from_millis(200);
+
+/// How long the processes have to acknowledge `request`.
+fn ack_timeout(request: &proto::Request) -> Duration {
+    let requests = match &request.kind {
+        Some(Kind::Apply(batch)) => batch.requests.len(),
+        _ => 1,
+    };
+    WORKER_ACK_TIMEOUT + WORKER_ACK_PER_THOUSAND * u32::try_from(requests / 1000).unwrap_or(u32::MAX)
+}
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
