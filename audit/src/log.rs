@@ -127,7 +127,12 @@ pub enum AuditError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot rotate audit log {} to {}: {source}", path.display(), to.display())]
+    #[error(
+        "cannot rotate audit log {} to {}: {source}; it goes on in the current file: free space on its filesystem \
+         (or fix the cause) and rotate again",
+        path.display(),
+        to.display()
+    )]
     Rotate {
         path: PathBuf,
         to: PathBuf,
@@ -214,7 +219,13 @@ struct FailedWrites {
     last_error: String,
     /// `<stage> <action>` of the lost records, counted.
     lost: BTreeMap<String, u64>,
+    /// When the last write failed: the timer retries at most every [`RETRY_INTERVAL`].
+    last_attempt: Instant,
 }
+
+/// How often [`AuditLog::checkpoint_if_due`] tries again to write after a failure (a full
+/// disk is not hammered with a write, a truncation and an fsync at every tick).
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Distinct kinds of lost records listed in an `audit_write_failed` record; more are counted
 /// as `other`.
@@ -667,9 +678,17 @@ impl AuditLog {
 
     /// Writes a time checkpoint when `checkpoint_interval` has passed since the last one and
     /// records were written since. Call it from a timer, with the current time. After failed
-    /// writes it first tries to write their `audit_write_failed` record, so that the trail
-    /// records the failure as soon as space returns, not only at the next request.
+    /// writes it first tries (at most every second) to write their `audit_write_failed`
+    /// record, so that the trail records the failure as soon as space returns, not only at
+    /// the next request.
     pub fn checkpoint_if_due(&mut self, now: Instant) -> Result<Option<Appended>, AuditError> {
+        if self
+            .failed
+            .as_ref()
+            .is_some_and(|f| now.saturating_duration_since(f.last_attempt) < RETRY_INTERVAL)
+        {
+            return Ok(None);
+        }
         self.recover()?;
         match self.options.checkpoint_interval {
             Some(interval)
@@ -888,7 +907,12 @@ impl AuditLog {
         rec.time = now.clone();
         rec.target = Some(self.path.display().to_string());
         rec.outcome = Some(Outcome::error("write_failed", failed.message(&now)));
-        self.write(rec)?;
+        if let Err(e) = self.write(rec) {
+            if let Some(f) = self.failed.as_mut() {
+                f.last_attempt = Instant::now();
+            }
+            return Err(e);
+        }
         self.failed = None;
         Ok(())
     }
@@ -914,8 +938,10 @@ impl AuditLog {
             first_error: cause.clone(),
             last_error: String::new(),
             lost: BTreeMap::new(),
+            last_attempt: Instant::now(),
         });
         failed.count += 1;
+        failed.last_attempt = Instant::now();
         failed.last_error = cause;
         let key = if failed.lost.len() < MAX_LOST_KINDS || failed.lost.contains_key(&what) {
             what
