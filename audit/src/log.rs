@@ -1,11 +1,14 @@
 //! The writer: appends records to the audit file, durably, one line at a time.
 //!
 //! Life of a log file:
-//! - [`AuditLog::open`] creates the file (mode 0640, `O_APPEND`) or continues an existing one
-//!   from its last line (log id, `seq`, chain hash, HMAC epoch), then appends an
-//!   `audit_opened` system record whose outcome code says `new`, `clean` (the previous run ended
-//!   with a close checkpoint) or `unclean` (it did not: a crash, or records removed from the
-//!   end while rampart was stopped; the verifier reports it).
+//! - [`AuditLog::open`] takes the file's writer's lock (an exclusive `flock`, held while the
+//!   log is open and released by a crash too: a second rampart started on the same file is
+//!   refused before it writes a byte, which would break the chain of the first), creates the
+//!   file (mode 0640, `O_APPEND`) or continues an existing one from its last line (log id,
+//!   `seq`, chain hash, HMAC epoch), then appends an `audit_opened` system record whose
+//!   outcome code says `new`, `clean` (the previous run ended with a close checkpoint) or
+//!   `unclean` (it did not: a crash, or records removed from the end while rampart was
+//!   stopped; the verifier reports it).
 //! - A file that ends with a torn write (a last line without its newline, or a last line that
 //!   is not a record: a crash during a write, or an older rampart on a full disk) is repaired
 //!   first: the torn bytes are copied to a side file `<log>.torn-<UTC time>` next to the log
@@ -61,6 +64,13 @@ pub enum AuditError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "audit log {} is being written by another running rampart{}: two writers would break its chain; stop that \
+         one, or give this instance its own `audit_log`",
+        path.display(),
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    InUse { path: PathBuf, holder: Option<i32> },
     #[error("cannot read the end of audit log {}: {source}", path.display())]
     ReadTail {
         path: PathBuf,
@@ -300,6 +310,38 @@ fn open_append(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Takes the writer's lock on a log file (an exclusive `flock`, held until the file is closed,
+/// which a crash does too): one writer per file. Fails with `EWOULDBLOCK` when another open
+/// file holds it.
+fn lock_writer(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // nix's `Flock` would panic in its destructor if unlocking failed; the lock is released
+    // when the descriptor closes, so only the lock call is needed.
+    // SAFETY: flock reads the descriptor number only, and `file` keeps it open for the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The pid that holds a `flock` on `file`, from /proc/locks (`1: FLOCK ADVISORY WRITE <pid>
+/// <major>:<minor>:<inode> 0 EOF`).
+fn lock_holder(file: &File) -> Option<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = file.metadata().ok()?.ino();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&"FLOCK") {
+            return None;
+        }
+        let id = fields.get(5)?.rsplit(':').next()?.parse::<u64>().ok()?;
+        (id == inode).then(|| fields.get(4)?.parse().ok())?
+    })
+}
+
 /// Position of the last `\n` before byte `end` of `file`, scanning backwards in chunks.
 fn rfind_newline(file: &mut File, end: u64) -> std::io::Result<Option<u64>> {
     const CHUNK: u64 = 64 * 1024;
@@ -495,6 +537,21 @@ impl AuditLog {
             path: path.to_path_buf(),
             source,
         })?;
+        match lock_writer(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(AuditError::InUse {
+                    path: path.to_path_buf(),
+                    holder: lock_holder(&file),
+                });
+            }
+            Err(source) => {
+                return Err(AuditError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
         let tail = read_tail(&mut file, path)?;
         let last = match tail.last {
             None => None,
@@ -728,6 +785,7 @@ impl AuditLog {
         };
         let prepared = new_file
             .set_permissions(std::fs::Permissions::from_mode(0o640))
+            .and_then(|()| lock_writer(&new_file))
             .and_then(|()| reserve(&new_file, ROTATION_RESERVE));
         if let Err(source) = prepared {
             let _ = std::fs::remove_file(&tmp);

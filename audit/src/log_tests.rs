@@ -1153,3 +1153,29 @@ fn a_repair_that_cannot_be_recorded_puts_the_torn_bytes_back() {
         assert!(log.repaired().is_some());
     });
 }
+
+#[test]
+fn a_second_writer_on_the_same_file_is_refused_before_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys(dir.path());
+    let path = dir.path().join("audit.log");
+    let mut first = AuditLog::open(&path, options(&k, false)).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    match AuditLog::open(&path, options(&k, false)) {
+        Err(e @ AuditError::InUse { .. }) => {
+            assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    // The file made by a rotation is locked too.
+    first.rotate().unwrap();
+    assert!(matches!(
+        AuditLog::open(&path, options(&k, false)),
+        Err(AuditError::InUse { .. })
+    ));
+    requests(&mut first, 0, 1);
+    drop(first);
+    let log = AuditLog::open(&path, options(&k, false)).unwrap();
+    log.close().unwrap();
+}
