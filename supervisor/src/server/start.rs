@@ -87,6 +87,14 @@ impl Supervisor {
             }
             listeners.insert(address.clone(), fds);
         }
+        // One instance per address, unless sharing is asked for: checked once every socket of
+        // ours is bound, so that our own never count as another's.
+        if !config.share_listeners {
+            let own = resources::socket_inodes(listeners.values().flatten());
+            for address in listeners.keys() {
+                resources::ensure_sole_listener(address, &own, resources::CRASHED_OWNER_GRACE)?;
+            }
+        }
         let jail = WorkerJailParams::from_config(&config, ProfileOptions { sandbox_off });
         let worker_uid = if nix::unistd::Uid::effective().is_root() && !sandbox_off {
             nix::unistd::User::from_name(&config.worker_user)
