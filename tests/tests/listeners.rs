@@ -112,3 +112,24 @@ fn share_listeners_is_a_boolean_key_of_the_configuration() {
     let (ok, text) = check("share_listeners = \"yes\"\n");
     assert!(!ok && text.contains("share_listeners"), "{text}");
 }
+
+#[test]
+fn a_listener_added_at_runtime_on_an_address_another_instance_holds_is_refused() {
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let first = Rampart::start("listener-runtime-first", &config(port, ""));
+    let second = Rampart::start("listener-runtime-second", &config(free_port(), ""));
+    let err = second
+        .try_ctl(&["listener", "add", "--address", &address, "--protocol", "http"])
+        .unwrap_err();
+    assert!(err.contains(&format!("listener {address} is taken")), "{err}");
+    // Once the supervisor has narrowed itself (landlock) it cannot read another process's
+    // descriptors: the message then says how to find the other instance.
+    assert!(
+        err.contains(&format!("ss -ltnp 'sport = :{port}'")) || err.contains(&format!("pid {}", first.child.id())),
+        "{err}"
+    );
+    let list = second.ctl(&["listener", "list", "--json"]);
+    assert!(!list.contains(&address), "{list}");
+    first.ctl(&["status"]);
+}
