@@ -1082,7 +1082,11 @@ fn a_full_disk_fails_closed_then_recovers_and_a_torn_line_is_repaired_at_start()
         assert!(!mount_dir.path().join("audit.log.rotating").exists());
     };
     rotate_and_fail(&r, 1);
-    assert!(r.log_text().contains("No space left on device"), "{}", r.log_text());
+    let text = r.log_text();
+    assert!(
+        text.contains("cannot rotate audit log") && text.contains("No space left on device"),
+        "{text}"
+    );
     let recs = records(&log);
     assert!(recs.iter().all(|x| x["checkpoint"]["kind"] != "rotation"), "{recs:#?}");
 
