@@ -1,6 +1,7 @@
 //! One instance per listener address, against the real binary: every listening socket is
 //! SO_REUSEPORT, so without a check a second supervisor of the same uid would bind the same
-//! address and the kernel would split its traffic between the two.
+//! address and the kernel would split its traffic between the two. And one writer per audit
+//! log: a second supervisor on the same file would break the first one's chain.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -35,7 +36,7 @@ fn start_must_fail(name: &str, config: &str) -> (i32, String) {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
             panic!(
-                "a second rampart started on a listener another one holds:\n{}{}",
+                "rampart started where it must be refused:\n{}{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
@@ -132,4 +133,44 @@ fn a_listener_added_at_runtime_on_an_address_another_instance_holds_is_refused()
     let list = second.ctl(&["listener", "list", "--json"]);
     assert!(!list.contains(&address), "{list}");
     first.ctl(&["status"]);
+}
+
+#[test]
+fn a_second_instance_on_the_same_audit_log_is_refused_before_it_writes() {
+    let first = Rampart::start("audit-writer-first", &config(free_port(), ""));
+    let log = first.dir.path().join("audit.log");
+    let before = std::fs::read(&log).unwrap();
+    // Its own directory, command socket and listener; the first one's audit log.
+    let second = config(free_port(), "").replace(
+        "audit_log = \"{dir}/audit.log\"",
+        &format!("audit_log = \"{}\"", log.display()),
+    );
+    let (code, text) = start_must_fail("audit-writer-second", &second);
+    assert_eq!(code, 1, "{text}");
+    for part in [
+        format!(
+            "audit log {} is being written by another running rampart",
+            log.display()
+        ),
+        format!("pid {}", first.child.id()),
+    ] {
+        assert!(text.contains(&part), "{part}: {text}");
+    }
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        before,
+        "the refused instance wrote to the log"
+    );
+    first.ctl(&["cluster", "add", "still-chained"]);
+    let out = Command::new(rampart_bin())
+        .args(["audit", "verify", "--live"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
