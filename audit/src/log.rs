@@ -1027,14 +1027,11 @@ impl AuditLog {
         };
         let saved = copy_range(&mut self.file, offset, length, &mut out)
             .and_then(|copied| out.sync_all().map(|()| copied))
-            .and_then(|copied| keys::sync_parent(&side).map(|()| copied))
-            .and_then(|copied| self.file.set_len(offset).map(|()| copied))
-            .and_then(|copied| self.file.sync_data().map(|()| copied));
+            .and_then(|copied| keys::sync_parent(&side).map(|()| copied));
         let (digest, kept) = match saved {
             Ok(copied) => copied,
             Err(source) => {
-                // Nothing was cut yet, or the cut is complete and only its fsync failed: the
-                // log holds either the torn bytes or none of them, never a part.
+                // The log is untouched: the side file is not needed.
                 let _ = std::fs::remove_file(&side);
                 return Err(AuditError::TornTailSave {
                     path: self.path.clone(),
@@ -1045,6 +1042,28 @@ impl AuditLog {
                 });
             }
         };
+        if let Err(source) = self.file.set_len(offset) {
+            let _ = std::fs::remove_file(&side);
+            return Err(AuditError::TornTailSave {
+                path: self.path.clone(),
+                side,
+                offset,
+                length,
+                source,
+            });
+        }
+        if let Err(e) = self.file.sync_data() {
+            // Cut, but perhaps not durably: the side file, durable already, keeps the bytes.
+            return Err(AuditError::TornTailRecord {
+                path: self.path.clone(),
+                cause: e.to_string(),
+                aftermath: format!(
+                    "the log is cut at offset {offset} and the torn bytes are kept in {}",
+                    side.display()
+                ),
+                side,
+            });
+        }
         let torn = TornTail {
             offset,
             length,
