@@ -4,7 +4,9 @@
 //!
 //! - [`record`]: the record format, its chain hash, MAC input and checkpoint message, and the
 //!   redaction of secrets (private keys become `sha256:<hex>`).
-//! - [`log`]: [`AuditLog`], the writer. `append` returns only after the line is fsynced.
+//! - [`log`]: [`AuditLog`], the writer. `append` returns only after the line is fsynced; a
+//!   failed append leaves nothing in the file, and a torn tail left by a crash is cut aside
+//!   (and recorded) when the log is opened again.
 //! - [`keys`]: the Ed25519 checkpoint key and the forward-evolving HMAC key.
 //! - [`syslog`]: the RFC 5424 mirror to the local syslog daemon, which reconnects and never
 //!   blocks or fails its caller.

@@ -299,20 +299,19 @@ fn a_cut_tail_is_a_truncation() {
     .unwrap();
     assert!(live.valid && !live.warnings.is_empty(), "{live:#?}");
 
-    // A cut inside the last line.
+    // A cut inside the last line: a torn tail where that record was, and the chain before it
+    // does not end with a close checkpoint.
     let mut text = std::fs::read(&path).unwrap();
     text.truncate(text.len() - 10);
     std::fs::write(&path, &text).unwrap();
     let report = check(&[&path], &k, false);
-    assert!(report.has(ProblemClass::Truncation, cp), "{report:#?}");
-    // The writer refuses to continue such a file, and says where to cut.
-    match AuditLog::open(&path, options(&k, false)) {
-        Err(AuditError::PartialTail { offset, .. }) => {
-            let before: usize = l[..l.len() - 1].iter().map(|x| x.len() + 1).sum();
-            assert_eq!(offset, before as u64);
-        }
-        other => panic!("{other:?}"),
-    }
+    assert!(report.has(ProblemClass::TornTail, cp), "{report:#?}");
+    assert!(report.has(ProblemClass::Truncation, cp - 1), "{report:#?}");
+    // The writer cuts such a tail aside and continues after the last whole record.
+    let before: usize = l[..l.len() - 1].iter().map(|x| x.len() + 1).sum();
+    let log = AuditLog::open(&path, options(&k, false)).unwrap();
+    assert_eq!(log.repaired().map(|t| t.offset), Some(before as u64));
+    assert_eq!(log.next_seq(), cp + 2);
 }
 
 #[test]
@@ -871,4 +870,312 @@ fn copies_changed_seqs_and_unsigned_checkpoints_are_caught() {
         "{}",
         unchecked.summary
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failed writes and torn tails
+
+/// Set in a child process that runs one test alone (see [`in_child`]).
+const CHILD_ENV: &str = "RAMPART_AUDIT_TEST_CHILD";
+
+/// Runs `scenario` in a child process (this test binary again, running only `test`): it sets
+/// process-wide limits (RLIMIT_FSIZE) that would break the tests running in parallel threads
+/// of this one. In the parent, checks that the child passed.
+fn in_child(test: &str, scenario: impl FnOnce()) {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        scenario();
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            &format!("log_tests::{test}"),
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the child running {test} failed:\n{text}");
+    assert!(text.contains("1 passed"), "the child did not run {test}:\n{text}");
+}
+
+/// Limits the size of every file this process writes to `bytes` (soft limit; the hard limit
+/// stays, so [`unlimit_file_size`] can raise it again). SIGXFSZ is ignored, so a write past
+/// the limit fails with EFBIG instead of killing the process, and a write across it is short.
+fn limit_file_size(bytes: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: SIG_IGN installs no handler code; the test process runs nothing that relies on
+    // SIGXFSZ.
+    unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }.unwrap();
+    let (_, hard) = getrlimit(Resource::RLIMIT_FSIZE).unwrap();
+    setrlimit(Resource::RLIMIT_FSIZE, bytes, hard).unwrap();
+}
+
+fn unlimit_file_size() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_FSIZE).unwrap();
+    setrlimit(Resource::RLIMIT_FSIZE, hard, hard).unwrap();
+}
+
+#[test]
+fn a_failed_write_leaves_no_partial_line_and_the_log_recovers() {
+    in_child("a_failed_write_leaves_no_partial_line_and_the_log_recovers", || {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keys(dir.path());
+        let path = dir.path().join("audit.log");
+        let mut log = AuditLog::open(&path, options(&k, true)).unwrap();
+        requests(&mut log, 0, 2);
+        let before = std::fs::read(&path).unwrap();
+        let seq = log.next_seq();
+
+        // Room for 60 more bytes: the next record (a count checkpoint is due first) is written
+        // in part, then the write fails.
+        limit_file_size(before.len() as u64 + 60);
+        let r = add_cluster(100);
+        match log.append(AuditEvent::received(actor(), &r, None)) {
+            Err(AuditError::Write { source, .. }) => assert_eq!(source.raw_os_error(), Some(libc::EFBIG)),
+            other => panic!("{other:?}"),
+        }
+        // The part that reached the file was cut: it ends with its last whole record.
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(log.next_seq(), seq, "a failed record takes no seq");
+        for _ in 0..3 {
+            assert!(log.append(AuditEvent::denied(actor(), &r, "forbidden", "no")).is_err());
+        }
+        // A rotation fails too, and leaves the file as it was.
+        assert!(log.rotate().is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert!(!dir.path().join("audit.log.1").exists());
+        assert!(!dir.path().join("audit.log.rotating").exists());
+        // The timer waits a second before it tries again, then its attempt to record the
+        // failure fails and is no lost record.
+        assert!(log.checkpoint_if_due(Instant::now()).unwrap().is_none());
+        assert!(log.checkpoint_if_due(Instant::now() + Duration::from_secs(2)).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(log.failed_writes(), 5);
+
+        // Space again: the next write works, after the record of what was lost.
+        unlimit_file_size();
+        let received = log.append(AuditEvent::received(actor(), &r, None)).unwrap();
+        assert!(received.seq > seq);
+        assert_eq!(log.failed_writes(), 0);
+        log.close().unwrap();
+        let l = lines(&path);
+        let failed = rec(&l[at(&l, seq)]);
+        assert_eq!(failed.action, record::ACTION_WRITE_FAILED);
+        assert_eq!(failed.stage, Stage::System);
+        let outcome = failed.outcome.unwrap();
+        assert_eq!(outcome.code.as_deref(), Some("write_failed"));
+        let message = outcome.message.unwrap();
+        for part in [
+            "5 record(s) could not be written",
+            "received add_cluster x1",
+            "denied add_cluster x3",
+            "checkpoint (count) x1",
+            "File too large",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+        let report = check(&[&path], &k, true);
+        assert!(report.valid, "{report:#?}");
+    });
+}
+
+#[test]
+fn a_torn_tail_is_moved_aside_and_its_cut_recorded() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys(dir.path());
+    let path = closed_log(dir.path(), &k, true, 3);
+    let clean = std::fs::read(&path).unwrap();
+    let last_seq = rec(lines(&path).last().unwrap()).seq;
+
+    // Half a record, no newline: what a crash during a write leaves.
+    let torn = b"{\"v\":1,\"log_id\":\"0123";
+    std::fs::write(&path, [clean.as_slice(), torn].concat()).unwrap();
+    let report = check(&[&path], &k, true);
+    assert_eq!(
+        classes(&report),
+        [(ProblemClass::TornTail, Some(last_seq + 1))],
+        "{report:#?}"
+    );
+    let message = &report.problems[0].message;
+    assert!(
+        message.contains(&format!("last {} byte(s), from offset {}", torn.len(), clean.len())),
+        "{message}"
+    );
+
+    let mut log = AuditLog::open(&path, options(&k, true)).unwrap();
+    let cut = log.repaired().unwrap().clone();
+    assert_eq!(cut.offset, clean.len() as u64);
+    assert_eq!(cut.length, torn.len() as u64);
+    assert_eq!(cut.sha256, hex::encode(sha2::Sha256::digest(torn)));
+    assert!(cut.file.starts_with("audit.log.torn-"), "{}", cut.file);
+    let side = dir.path().join(&cut.file);
+    assert_eq!(std::fs::read(&side).unwrap(), torn);
+    requests(&mut log, 10, 1);
+    log.close().unwrap();
+
+    // The whole records are untouched, and the first new one is the repair.
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.starts_with(&clean));
+    let l = lines(&path);
+    let repair = rec(&l[at(&l, last_seq + 1)]);
+    assert_eq!(repair.action, record::ACTION_REPAIRED);
+    assert_eq!(repair.torn_tail.as_ref(), Some(&cut));
+    assert_eq!(rec(&l[at(&l, last_seq + 2)]).action, record::ACTION_OPENED);
+
+    let report = check(&[&path], &k, true);
+    assert!(report.valid, "{report:#?}");
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.seq == Some(last_seq + 1) && w.message.contains("holds exactly them")),
+        "{:#?}",
+        report.warnings
+    );
+    // `audit.log*` names the side file too: it is checked, not read as a log.
+    let report = check(&[&path, &side], &k, true);
+    assert!(report.valid, "{report:#?}");
+    assert_eq!(report.files.len(), 1);
+
+    // A side file that does not hold what was cut is found.
+    std::fs::write(&side, b"something else").unwrap();
+    let report = check(&[&path], &k, true);
+    assert_eq!(
+        classes(&report),
+        [(ProblemClass::Modification, Some(last_seq + 1))],
+        "{report:#?}"
+    );
+    std::fs::write(&side, torn).unwrap();
+
+    // A repair record that no longer sits where the cut was: a whole record removed before it
+    // shows as that, plus the offset the repair record proves.
+    let mut moved = l.clone();
+    let first = moved.remove(0);
+    put(&path, &moved);
+    let report = check(&[&path], &k, true);
+    assert!(report.has(ProblemClass::Modification, last_seq + 1), "{report:#?}");
+    moved.insert(0, first);
+    put(&path, &moved);
+    assert!(check(&[&path], &k, true).valid);
+}
+
+#[test]
+fn a_last_line_that_is_not_a_record_is_a_torn_tail_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys(dir.path());
+    let path = closed_log(dir.path(), &k, false, 2);
+    let clean = std::fs::read(&path).unwrap();
+    let last_seq = rec(lines(&path).last().unwrap()).seq;
+    // Zeros where a record should be, newline and all: a crash that lost a write's data.
+    let garbage = b"\0\0\0\0\0\0\0\0\n";
+    std::fs::write(&path, [clean.as_slice(), garbage].concat()).unwrap();
+    let report = check(&[&path], &k, false);
+    assert_eq!(
+        classes(&report),
+        [(ProblemClass::TornTail, Some(last_seq + 1))],
+        "{report:#?}"
+    );
+    // The same line in the middle of the file is a malformed record.
+    std::fs::write(&path, [garbage.as_slice(), clean.as_slice()].concat()).unwrap();
+    let report = check(&[&path], &k, false);
+    assert!(
+        report.problems.iter().all(|p| p.class == ProblemClass::Malformed),
+        "{report:#?}"
+    );
+
+    std::fs::write(&path, [clean.as_slice(), garbage].concat()).unwrap();
+    let log = AuditLog::open(&path, options(&k, false)).unwrap();
+    assert_eq!(log.repaired().map(|t| t.length), Some(garbage.len() as u64));
+    log.close().unwrap();
+    let report = check(&[&path], &k, false);
+    assert!(report.valid, "{report:#?}");
+
+    // Two lines that are not records: more than a torn write, the writer refuses.
+    std::fs::write(&path, [clean.as_slice(), b"x\n", b"y\n"].concat()).unwrap();
+    match AuditLog::open(&path, options(&k, false)) {
+        Err(AuditError::CorruptTail { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_log_that_is_only_a_torn_write_starts_anew() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys(dir.path());
+    let path = dir.path().join("audit.log");
+    std::fs::write(&path, b"{\"v\":1,\"lo").unwrap();
+    let log = AuditLog::open(&path, options(&k, true)).unwrap();
+    assert_eq!(log.repaired().map(|t| (t.offset, t.length)), Some((0, 10)));
+    log.close().unwrap();
+    let l = lines(&path);
+    assert_eq!(rec(&l[0]).action, record::ACTION_REPAIRED);
+    assert_eq!(rec(&l[0]).seq, 0);
+    assert!(check(&[&path], &k, true).valid);
+}
+
+#[test]
+fn a_repair_that_cannot_be_recorded_puts_the_torn_bytes_back() {
+    in_child("a_repair_that_cannot_be_recorded_puts_the_torn_bytes_back", || {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keys(dir.path());
+        let path = closed_log(dir.path(), &k, false, 1);
+        let mut torn = std::fs::read(&path).unwrap();
+        let clean_len = torn.len() as u64;
+        torn.extend_from_slice(b"{\"v\":1");
+        std::fs::write(&path, &torn).unwrap();
+        // Room for the torn bytes and its side file, not for the repair record.
+        limit_file_size(clean_len + 10);
+        match AuditLog::open(&path, options(&k, false)) {
+            Err(e @ AuditError::TornTailRecord { .. }) => {
+                assert!(e.to_string().contains("put back"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), torn);
+        let sides = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains(".torn-"))
+            .count();
+        assert_eq!(sides, 0, "the side file of an undone cut is removed");
+        unlimit_file_size();
+        let log = AuditLog::open(&path, options(&k, false)).unwrap();
+        assert!(log.repaired().is_some());
+    });
+}
+
+#[test]
+fn a_second_writer_on_the_same_file_is_refused_before_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys(dir.path());
+    let path = dir.path().join("audit.log");
+    let mut first = AuditLog::open(&path, options(&k, false)).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    match AuditLog::open(&path, options(&k, false)) {
+        Err(e @ AuditError::InUse { .. }) => {
+            assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    // The file made by a rotation is locked too.
+    first.rotate().unwrap();
+    assert!(matches!(
+        AuditLog::open(&path, options(&k, false)),
+        Err(AuditError::InUse { .. })
+    ));
+    requests(&mut first, 0, 1);
+    drop(first);
+    let log = AuditLog::open(&path, options(&k, false)).unwrap();
+    log.close().unwrap();
 }

@@ -35,6 +35,12 @@ pub const ACTION_OPENED: &str = "audit_opened";
 pub const ACTION_CONTINUED: &str = "audit_continued";
 /// `action` of checkpoint records.
 pub const ACTION_CHECKPOINT: &str = "checkpoint";
+/// `action` of the record a writer appends after it cut a torn write from the end of a log
+/// (see [`TornTail`]).
+pub const ACTION_REPAIRED: &str = "audit_repaired";
+/// `action` of the record a writer appends once it can write again after records could not
+/// be written (a full disk): how many, which, since when, and why.
+pub const ACTION_WRITE_FAILED: &str = "audit_write_failed";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -238,6 +244,23 @@ pub struct Checkpoint {
     pub sig: Option<String>,
 }
 
+/// What a writer cut from the end of a log before continuing it: a torn write (a last line
+/// without its newline, or that is not a record), left by a crash during a write or by an
+/// older rampart on a full disk. The cut bytes are kept in a side file next to the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TornTail {
+    /// Byte offset in the log file where the cut bytes began: where the record that carries
+    /// this now starts.
+    pub offset: u64,
+    /// How many bytes were cut.
+    pub length: u64,
+    /// SHA-256 of the cut bytes, in hex.
+    pub sha256: String,
+    /// The side file holding them: a file name in the log's directory.
+    pub file: String,
+}
+
 /// One line of the audit log. Field order is the serialized order; `mac` must stay last.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -270,6 +293,9 @@ pub struct AuditRecord {
     /// On a `completed` record of a change sent to the workers: what each of them did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processes: Option<Vec<ProcessOutcome>>,
+    /// On an `audit_repaired` record: what was cut from the end of the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torn_tail: Option<TornTail>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
     pub prev: String,

@@ -362,6 +362,7 @@ mod tests {
             state_before: None,
             state_after: None,
             processes: None,
+            torn_tail: None,
             checkpoint: None,
             prev: "00".into(),
             epoch: None,

@@ -43,7 +43,18 @@
 //!   last record is *truncation*: "possibly truncated after seq N", because records written
 //!   after the last checkpoint are chained but not signed, and a cut there leaves a chain that
 //!   is valid as far as it goes. For a log rampart is still writing, `--live` turns this into a
-//!   warning. A last line without its newline is *truncation* too (a cut inside a record).
+//!   warning.
+//! - *torn tail*: the last line of a file has no newline, or is not an audit record: a write
+//!   cut short (a crash, a full disk) or an edit. The finding gives its offset, length and
+//!   line. With `--live`, at the end of the last file it is a warning (a record may be being
+//!   written). `rampart start` moves such a tail to a side file and records the cut:
+//! - An `audit_repaired` record says what a writer cut from the end of the file before it
+//!   (offset, length, SHA-256, side file). It must sit at exactly that offset (else
+//!   *modification*: bytes before it were added or removed), and its side file, looked up
+//!   next to the file that holds the record, must hold exactly those bytes (else
+//!   *modification*); a match, or a side file that cannot be read, is a warning naming the
+//!   cut. Side files given among the files to verify (`audit.log.*` matches them) are
+//!   recognized by their name, `<log>.torn-<time>`, and not read as logs.
 //! - An `audit_opened` record with outcome code `unclean` means the writer restarted on a log
 //!   that did not end with a close checkpoint: a crash, or records removed from the end while
 //!   rampart was stopped. The records between the last checkpoint before it and the restart
@@ -68,7 +79,9 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::keys::{self, KeyLadder};
-use crate::record::{self, ACTION_CONTINUED, ACTION_OPENED, AuditRecord, CheckpointKind, FORMAT_VERSION, Stage};
+use crate::record::{
+    self, ACTION_CONTINUED, ACTION_OPENED, ACTION_REPAIRED, AuditRecord, CheckpointKind, FORMAT_VERSION, Stage,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -106,6 +119,8 @@ pub enum ProblemClass {
     Deletion,
     Reordering,
     Truncation,
+    /// The last line of a file is not a whole record: a write cut short.
+    TornTail,
     BadSignature,
     Malformed,
 }
@@ -117,6 +132,7 @@ impl ProblemClass {
             ProblemClass::Deletion => "deletion",
             ProblemClass::Reordering => "reordering",
             ProblemClass::Truncation => "truncation",
+            ProblemClass::TornTail => "torn tail",
             ProblemClass::BadSignature => "bad signature",
             ProblemClass::Malformed => "malformed record",
         }
@@ -158,6 +174,13 @@ struct Meta {
 struct Entry {
     file: usize,
     line: usize,
+    /// Byte offset of the line in its file, and its length with the newline.
+    offset: u64,
+    length: u64,
+    /// The last line of its file.
+    last_in_file: bool,
+    /// What the writer cut before this record (an `audit_repaired` record).
+    torn_tail: Option<record::TornTail>,
     hash: [u8; 32],
     meta: Option<Meta>,
     malformed: Option<String>,
@@ -275,10 +298,14 @@ impl Checker<'_> {
     }
 
     /// Checks what a record proves on its own: format, MAC, signature.
-    fn entry(&mut self, file: usize, line_no: usize, line: &[u8], incomplete: bool) -> Entry {
+    fn entry(&mut self, file: usize, line_no: usize, offset: u64, line: &[u8], incomplete: bool) -> Entry {
         let mut entry = Entry {
             file,
             line: line_no,
+            offset,
+            length: line.len() as u64 + u64::from(!incomplete),
+            last_in_file: false,
+            torn_tail: None,
             hash: record::chain_hash(line),
             meta: None,
             malformed: None,
@@ -304,6 +331,12 @@ impl Checker<'_> {
             Some(
                 "a checkpoint needs stage `checkpoint` and a `checkpoint` field, and only a checkpoint has them".into(),
             )
+        } else if (rec.stage == Stage::System && rec.action == ACTION_REPAIRED) != rec.torn_tail.is_some() {
+            Some(format!(
+                "a `{ACTION_REPAIRED}` record needs stage `system` and a `torn_tail` field, and only it has them"
+            ))
+        } else if rec.torn_tail.as_ref().is_some_and(|t| !is_plain_file_name(&t.file)) {
+            Some("the side file of `torn_tail` is not a plain file name".into())
         } else {
             None
         };
@@ -346,8 +379,21 @@ impl Checker<'_> {
             }
         }
         entry.meta = Some(meta);
+        entry.torn_tail = rec.torn_tail;
         entry
     }
+}
+
+/// A name of a file in the log's own directory: no separator, not `.` or `..`.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+}
+
+/// Whether `path` names a side file a writer made for a torn tail (`<log>.torn-<time>`):
+/// such files hold the cut bytes, not records, and are checked against their repair record.
+fn is_side_file(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().contains(crate::log::TORN_SUFFIX))
 }
 
 fn check_mac(ladder: &mut KeyLadder, rec: &AuditRecord, line: &[u8]) -> Option<String> {
@@ -407,6 +453,7 @@ fn read_file(checker: &mut Checker<'_>, file: usize, path: &Path) -> Result<Vec<
     let mut entries = Vec::new();
     let mut line = Vec::new();
     let mut line_no = 0;
+    let mut offset = 0u64;
     loop {
         line.clear();
         let n = reader.read_until(b'\n', &mut line).map_err(read_err)?;
@@ -418,7 +465,11 @@ fn read_file(checker: &mut Checker<'_>, file: usize, path: &Path) -> Result<Vec<
         if !incomplete {
             line.pop();
         }
-        entries.push(checker.entry(file, line_no, &line, incomplete));
+        entries.push(checker.entry(file, line_no, offset, &line, incomplete));
+        offset += n as u64;
+    }
+    if let Some(last) = entries.last_mut() {
+        last.last_in_file = true;
     }
     Ok(entries)
 }
@@ -518,15 +569,11 @@ impl Walk<'_> {
             let Some(entry) = self.entries.get(i) else { break };
             let (incomplete, malformed, intrinsic) =
                 (entry.incomplete, entry.malformed.clone(), entry.intrinsic.clone());
+            let torn = entry.last_in_file && (incomplete || entry.meta.is_none());
             let Some(m) = entry.meta else {
                 let seq = p.map(|p| self.seq(p) + 1 + malformed_run);
-                if incomplete {
-                    self.problem(
-                        ProblemClass::Truncation,
-                        seq,
-                        i,
-                        "the file ends inside a record (its last line is incomplete)".into(),
-                    );
+                if torn {
+                    self.torn_tail(i, seq, malformed.as_deref());
                 } else {
                     self.problem(ProblemClass::Malformed, seq, i, malformed.unwrap_or_default());
                 }
@@ -538,13 +585,9 @@ impl Walk<'_> {
                 self.problem(class, Some(m.seq), i, message);
                 self.mark_bad(i);
             }
-            if incomplete {
-                self.problem(
-                    ProblemClass::Truncation,
-                    Some(m.seq),
-                    i,
-                    "the file ends without a newline after this record: it was cut".into(),
-                );
+            if torn {
+                self.torn_tail(i, Some(m.seq), None);
+                self.mark_bad(i);
             }
             let chain_start = match p {
                 None => true,
@@ -656,6 +699,120 @@ impl Walk<'_> {
             self.finish_chain(pi, last_cp, true);
         }
         self.report_reorderings();
+    }
+
+    /// The last line of a file is not a whole record (`malformed` says why, when it is not
+    /// one at all; none: a record without its newline).
+    fn torn_tail(&mut self, i: usize, seq: Option<u64>, malformed: Option<&str>) {
+        let Some(e) = self.entries.get(i) else { return };
+        let (offset, length, line, incomplete) = (e.offset, e.length, e.line, e.incomplete);
+        let in_last_file = self.entries.last().map(|l| l.file) == Some(e.file);
+        let what = match (incomplete, malformed) {
+            (true, Some(_)) => "are part of a record: the line has no newline and does not parse".to_string(),
+            (true, None) => "are a record without its newline".to_string(),
+            (false, reason) => format!("are not an audit record ({})", reason.unwrap_or_default()),
+        };
+        let place = format!("its last {length} byte(s), from offset {offset} (line {line}), {what}");
+        if self.live && in_last_file {
+            self.warn(
+                seq,
+                i,
+                format!("the file ends with a record still being written, or with a torn write: {place}"),
+            );
+        } else {
+            self.problem(
+                ProblemClass::TornTail,
+                seq,
+                i,
+                format!(
+                    "the file ends with a torn write: {place}; a write was cut short (a crash, a full disk) or the \
+                     file was edited. `rampart start` moves such a tail to a side file and records the cut"
+                ),
+            );
+        }
+    }
+
+    /// Checks every `audit_repaired` record against the file it sits in and the side file it
+    /// names (in the directory of `paths[file]`). `side_files`: side files given on the
+    /// command line, which should each be named by a repair record.
+    fn check_repairs(&mut self, paths: &[PathBuf], side_files: &[PathBuf]) {
+        let mut named = Vec::new();
+        for i in 0..self.entries.len() {
+            let Some(e) = self.entries.get(i) else { break };
+            let Some(torn) = e.torn_tail.clone() else { continue };
+            let (seq, offset) = (e.meta.map(|m| m.seq), e.offset);
+            let dir = paths
+                .get(e.file)
+                .and_then(|p| p.parent())
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let side = dir.join(&torn.file);
+            named.push(std::fs::canonicalize(&side).unwrap_or_else(|_| side.clone()));
+            let cut = format!(
+                "{} byte(s) from offset {} (sha256 {}), kept in {}",
+                torn.length,
+                torn.offset,
+                torn.sha256,
+                side.display()
+            );
+            if offset != torn.offset {
+                self.problem(
+                    ProblemClass::Modification,
+                    seq,
+                    i,
+                    format!(
+                        "this repair record says the torn write it cut began at offset {}, but the record sits at \
+                         offset {offset}: bytes before it were added or removed",
+                        torn.offset
+                    ),
+                );
+                self.mark_bad(i);
+                continue;
+            }
+            match hash_file(&side) {
+                Ok((length, digest)) if length == torn.length && hex::encode(digest) == torn.sha256 => self.warn(
+                    seq,
+                    i,
+                    format!("rampart cut a torn write from the end of the file here: {cut}, which holds exactly them"),
+                ),
+                Ok((length, digest)) => {
+                    self.problem(
+                        ProblemClass::Modification,
+                        seq,
+                        i,
+                        format!(
+                            "the side file {} holds {length} byte(s) with sha256 {}, but this repair record says it \
+                             cut {} byte(s) with sha256 {}: one of them was changed",
+                            side.display(),
+                            hex::encode(digest),
+                            torn.length,
+                            torn.sha256
+                        ),
+                    );
+                    self.mark_bad(i);
+                }
+                Err(e) => self.warn(
+                    seq,
+                    i,
+                    format!(
+                        "rampart cut a torn write from the end of the file here: {cut}; that file cannot be read \
+                         ({e}), so the cut bytes were not checked"
+                    ),
+                ),
+            }
+        }
+        for side in side_files {
+            let canonical = std::fs::canonicalize(side).unwrap_or_else(|_| side.clone());
+            if !named.contains(&canonical) {
+                self.warnings.push(Warning {
+                    seq: None,
+                    file: side.display().to_string(),
+                    line: 0,
+                    message: "a torn-write side file that no repair record in the given files names: not checked"
+                        .into(),
+                });
+            }
+        }
     }
 
     fn start_chain(&mut self, i: usize, m: Meta) {
@@ -896,8 +1053,19 @@ impl Walk<'_> {
     }
 }
 
-/// Verifies `paths` as one or more logs.
+/// Length and SHA-256 of a file.
+fn hash_file(path: &Path) -> std::io::Result<(u64, [u8; 32])> {
+    use sha2::Digest;
+    let mut file = File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let length = std::io::copy(&mut file, &mut hasher)?;
+    Ok((length, hasher.finalize().into()))
+}
+
+/// Verifies `paths` as one or more logs. Side files of torn writes (`<log>.torn-<time>`) among
+/// them are not read as logs: each is checked against the repair record that names it.
 pub fn verify(paths: &[PathBuf], options: &VerifyOptions) -> Result<Report, VerifyError> {
+    let (side_files, paths): (Vec<PathBuf>, Vec<PathBuf>) = paths.iter().cloned().partition(|p| is_side_file(p));
     let mut checker = Checker {
         options,
         ladder: options.hmac_key.clone().map(KeyLadder::new),
@@ -941,6 +1109,7 @@ pub fn verify(paths: &[PathBuf], options: &VerifyOptions) -> Result<Report, Veri
         last_checkpoint_seq: None,
     };
     walk.run();
+    walk.check_repairs(&ordered_paths, &side_files);
     walk.mark_covered();
     let Walk {
         entries,

@@ -56,6 +56,8 @@ pub mod defaults {
     pub const BACKEND_WEIGHT: u32 = 100;
     /// Lowest TLS version an HTTPS listener accepts.
     pub const TLS_MIN_VERSION: &str = "1.2";
+    /// Whether a listener may be bound on an address another process already listens on.
+    pub const SHARE_LISTENERS: bool = false;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +195,11 @@ pub struct Config {
     pub listeners: Vec<Spanned<ListenerConfig>>,
     #[serde(default)]
     pub clusters: BTreeMap<String, Spanned<ClusterConfig>>,
+    /// Bind listeners on addresses another process (another rampart) already listens on.
+    /// Every listening socket is SO_REUSEPORT, so the kernel would split the traffic between
+    /// the two: by default the supervisor refuses such an address and names the other process.
+    #[serde(default = "d_share_listeners")]
+    pub share_listeners: bool,
     /// The file this was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub source: PathBuf,
@@ -424,6 +431,9 @@ fn d_log_level() -> String {
 }
 fn d_key_isolation() -> bool {
     true
+}
+fn d_share_listeners() -> bool {
+    defaults::SHARE_LISTENERS
 }
 fn d_weight() -> u32 {
     defaults::BACKEND_WEIGHT

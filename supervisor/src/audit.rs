@@ -261,6 +261,15 @@ impl Auditor {
         self.limiter.release_connection(peer.uid);
     }
 
+    /// What opening the log repaired: a torn last line cut aside at start, if there was one.
+    pub fn repaired(&self) -> Option<String> {
+        let torn = self.log.as_ref()?.repaired()?;
+        Some(format!(
+            "the audit log ended with a torn write: {} byte(s) at offset {} were moved to {} (sha256 {}) and the repair recorded",
+            torn.length, torn.offset, torn.file, torn.sha256
+        ))
+    }
+
     /// The largest request frame a peer may send (by its grant, else by its role).
     pub fn max_request_bytes(&self, peer: &Peer) -> usize {
         self.policy.limits_for(peer).request_bytes(self.policy.role_of(peer))

@@ -994,3 +994,220 @@ fn rotation_keeps_the_chain_across_files() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// A full disk, and the torn line a crash leaves
+
+/// Fills the filesystem of `path` with one file of zeros until it is full.
+fn fill_up(path: &Path) {
+    let dd = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", path.display()))
+        .arg("bs=1k")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let dd_err = String::from_utf8_lossy(&dd.stderr);
+    assert!(!dd.status.success() && dd_err.contains("No space left"), "{dd_err}");
+}
+
+/// The log's bytes, read again while they end inside a line: a write the supervisor is
+/// attempting (and will cut back if it fails) can be seen half done for an instant.
+fn settled_bytes(log: &Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(log).unwrap();
+    for _ in 0..10 {
+        if bytes.ends_with(b"\n") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        bytes = std::fs::read(log).unwrap();
+    }
+    bytes
+}
+
+/// `rampart audit verify FILES... --json [--live]`: exit code and report.
+fn verify_files(files: &[&Path], live: bool) -> (i32, Value) {
+    let out = Command::new(rampart_bin())
+        .args(["audit", "verify", "--json"])
+        .args(files)
+        .args(live.then_some("--live"))
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify printed no JSON report ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap(), report)
+}
+
+#[test]
+fn a_full_disk_fails_closed_then_recovers_and_a_torn_line_is_repaired_at_start() {
+    const TEST: &str = "audit_full_disk";
+    if !require_root(TEST) || !require_tool(TEST, "mount") || !require_tool(TEST, "dd") {
+        return;
+    }
+    let mount_dir = TempDir::new("audit-disk");
+    let Some(_tmpfs) = Tmpfs::mount(mount_dir.path(), "256k") else {
+        skip(TEST, "cannot mount a tmpfs here");
+        return;
+    };
+    let log = mount_dir.path().join("audit.log");
+    let filler = mount_dir.path().join("filler");
+    // Declared after the mount: dropped (killed) first, so that the tmpfs can be unmounted.
+    let mut r = Rampart::start(
+        "audit-disk",
+        &format!(
+            "command_socket = \"{{dir}}/rampart.sock\"\nstate_dir = \"{{dir}}/state\"\naudit_log = \"{}\"\nworker_count = 1\n",
+            log.display()
+        ),
+    );
+    r.ctl(&["cluster", "add", "before"]);
+    let before = state_hash(&r);
+
+    // Full: the filler takes what is left. A rotation now fails before it writes anything:
+    // its new file cannot get room, and the current file gets no rotation checkpoint.
+    fill_up(&filler);
+    let supervisor = nix::unistd::Pid::from_raw(r.child.id() as i32);
+    let rotate_and_fail = |r: &Rampart, n: usize| {
+        nix::sys::signal::kill(supervisor, nix::sys::signal::Signal::SIGUSR2).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while r.log_text().matches("ERROR audit log rotation failed").count() < n {
+            assert!(Instant::now() < deadline, "no failed rotation:\n{}", r.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!mount_dir.path().join("audit.log.1").exists());
+        assert!(!mount_dir.path().join("audit.log.rotating").exists());
+    };
+    rotate_and_fail(&r, 1);
+    let text = r.log_text();
+    assert!(
+        text.contains("cannot rotate audit log") && text.contains("No space left on device"),
+        "{text}"
+    );
+    let recs = records(&log);
+    assert!(recs.iter().all(|x| x["checkpoint"]["kind"] != "rotation"), "{recs:#?}");
+
+    // Refused requests (audited, changing nothing) use up the log's last page until a record
+    // no longer fits.
+    let mut failed = false;
+    for n in 0..40 {
+        let size = settled_bytes(&log).len();
+        let err = r.try_ctl(&["state", "save", &format!("../pad-{n}")]).unwrap_err();
+        assert!(err.contains("permission denied"), "{err}");
+        if settled_bytes(&log).len() == size {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "the audit log kept growing on a full tmpfs");
+    let full = settled_bytes(&log);
+
+    // A change is refused, says why and what to do, and changes nothing.
+    let err = r.try_ctl(&["cluster", "add", "refused"]).unwrap_err();
+    for part in [
+        log.display().to_string().as_str(),
+        "No space left on device",
+        "nothing was changed",
+        "free space",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+    assert_eq!(cluster_ids(&r), ["before"]);
+    assert_eq!(state_hash(&r), before);
+
+    // So does a rotation now (it cannot even record the failures first).
+    rotate_and_fail(&r, 2);
+
+    // The file is as it was when the disk filled up: whole records only, and it verifies.
+    assert_eq!(settled_bytes(&log), full);
+    assert!(full.ends_with(b"\n"));
+    assert!(!String::from_utf8_lossy(&full).contains("cluster refused"));
+    let records_full = records(&log);
+    let (code, report) = verify_files(&[&log], true);
+    assert_eq!((code, &report["valid"]), (0, &Value::Bool(true)), "{report:#}");
+
+    // Space again: the next change works, and the trail says what it missed.
+    std::fs::remove_file(&filler).unwrap();
+    r.ctl(&["cluster", "add", "after"]);
+    assert_eq!(cluster_ids(&r), ["after", "before"]);
+    let recs = records(&log);
+    assert_eq!(recs[..records_full.len()], records_full[..]);
+    let failure = recs
+        .iter()
+        .position(|x| x["action"] == "audit_write_failed")
+        .unwrap_or_else(|| panic!("no audit_write_failed record: {recs:#?}"));
+    let after = recs
+        .iter()
+        .position(|x| x["stage"] == "received" && x["target"] == "cluster after")
+        .unwrap();
+    assert!(failure >= records_full.len() && failure < after, "{recs:#?}");
+    let message = recs[failure]["outcome"]["message"].as_str().unwrap();
+    for part in [
+        "No space left on device",
+        "received add_cluster x1",
+        "denied save_state",
+        "system signal_sigusr2 x1",
+    ] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    assert_eq!(recs[failure]["outcome"]["status"], "error");
+
+    // Half a line at the end, then a crash: the next start cuts it aside and says so.
+    let mut bytes = std::fs::read(&log).unwrap();
+    let clean_len = bytes.len();
+    let last = bytes[..clean_len - 1].rsplit(|&b| b == b'\n').next().unwrap().to_vec();
+    let half = &last[..last.len() / 2];
+    bytes.extend_from_slice(half);
+    std::fs::write(&log, &bytes).unwrap();
+    let (code, report) = verify_files(&[&log], false);
+    assert_eq!(code, 1, "{report:#}");
+    assert!(
+        report["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["class"] == "torn_tail"
+                && p["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("last {} byte(s), from offset {clean_len}", half.len()))),
+        "{report:#}"
+    );
+    r.kill_and_restart();
+    let recs = records(&log);
+    let repair = recs
+        .iter()
+        .find(|x| x["action"] == "audit_repaired")
+        .unwrap_or_else(|| panic!("no audit_repaired record: {recs:#?}"));
+    let torn = &repair["torn_tail"];
+    assert_eq!(torn["offset"], clean_len as u64, "{repair:#}");
+    assert_eq!(torn["length"], half.len() as u64, "{repair:#}");
+    let half_text = std::str::from_utf8(half).unwrap();
+    let digest = rampart_audit::record::secret_fingerprint(half_text);
+    assert_eq!(Some(torn["sha256"].as_str().unwrap()), digest.strip_prefix("sha256:"));
+    let side = mount_dir.path().join(torn["file"].as_str().unwrap());
+    assert_eq!(std::fs::read(&side).unwrap(), half);
+    let next = recs.iter().position(|x| x["action"] == "audit_repaired").unwrap() + 1;
+    assert_eq!(recs[next]["action"], "audit_opened");
+    assert_eq!(recs[next]["outcome"]["code"], "unclean");
+    assert_eq!(std::fs::read(&log).unwrap()[..clean_len], bytes[..clean_len]);
+
+    // It runs, and once stopped its log verifies: with the side file among the files too.
+    r.ctl(&["cluster", "add", "restarted"]);
+    stop(&mut r);
+    for files in [vec![log.as_path()], vec![log.as_path(), side.as_path()]] {
+        let (code, report) = verify_files(&files, false);
+        assert_eq!(code, 0, "{report:#}");
+        assert!(
+            report["warnings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["message"].as_str().unwrap().contains("cut a torn write")),
+            "{report:#}"
+        );
+    }
+}

@@ -346,6 +346,11 @@ impl Supervisor {
                 for _ in self.workers.iter().filter(|w| !w.keyring) {
                     fds.push(bind_listener(address)?);
                 }
+                if !self.config.share_listeners {
+                    let ours = self.listeners.values().chain(added.iter().map(|(_, f)| f));
+                    let own = resources::socket_inodes(ours.flatten().chain(&fds));
+                    resources::ensure_sole_listener(address, &own, Duration::ZERO)?;
+                }
                 added.push((address.clone(), fds));
             }
         }

@@ -81,6 +81,21 @@ pub enum StartError {
     CommandSocket { path: PathBuf, source: io::Error },
     #[error("another rampart is already listening on {}", .0.display())]
     AlreadyRunning(PathBuf),
+    #[error(
+        "listener {address} is taken: {local} is already listened on by {holder}; a second instance on one address \
+         would silently split its traffic: stop the other one, choose another address, or set `share_listeners = true` \
+         to share it on purpose"
+    )]
+    ListenerTaken {
+        address: String,
+        local: String,
+        holder: String,
+    },
+    #[error(
+        "cannot check who else listens on {address}: {source}; mount /proc, or set `share_listeners = true` to skip \
+         the check"
+    )]
+    ListenerCheck { address: String, source: io::Error },
     #[error("cannot set up signal handling: {0}")]
     Signals(nix::Error),
     #[error("cannot create the event loop: {0}")]

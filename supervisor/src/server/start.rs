@@ -87,6 +87,14 @@ impl Supervisor {
             }
             listeners.insert(address.clone(), fds);
         }
+        // One instance per address, unless sharing is asked for: checked once every socket of
+        // ours is bound, so that our own never count as another's.
+        if !config.share_listeners {
+            let own = resources::socket_inodes(listeners.values().flatten());
+            for address in listeners.keys() {
+                resources::ensure_sole_listener(address, &own, resources::CRASHED_OWNER_GRACE)?;
+            }
+        }
         let jail = WorkerJailParams::from_config(&config, ProfileOptions { sandbox_off });
         let worker_uid = if nix::unistd::Uid::effective().is_root() && !sandbox_off {
             nix::unistd::User::from_name(&config.worker_user)
@@ -162,6 +170,9 @@ impl Supervisor {
         };
         supervisor.state_hash = supervisor.state.hash_hex();
         supervisor.log.info(&origin_text);
+        if let Some(repair) = supervisor.audit.repaired() {
+            supervisor.log.warn(&repair);
+        }
         if let Some(file) = supervisor.vault.values().next() {
             let text = format!(
                 "{} private key(s) held for the keyring in {}; none in the supervisor's memory",
