@@ -706,6 +706,27 @@ fn a_change_is_refused_when_the_audit_log_cannot_be_written() {
     let answer = http_get(port, "x.example.com");
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
     assert!(!std::fs::read_to_string(&log).unwrap_or_default().contains("cluster x"));
+
+    // Every request that does something other than change the state fails closed too: a saved
+    // state (it writes every private key), the logging level, a policy reload, a stop.
+    for args in [
+        &["state", "save", "unrecorded.jsonl"][..],
+        &["logging", "debug"][..],
+        &["reload-policy"][..],
+        &["shutdown"][..],
+    ] {
+        let err = r.try_ctl(args).expect_err("done without its audit record");
+        assert!(
+            err.contains("the audit log cannot be written") && err.contains("nothing was done"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(
+        !r.dir.path().join("state/unrecorded.jsonl").exists(),
+        "the state was saved unrecorded"
+    );
+    // Still running: the stop was refused.
+    assert_eq!(state_hash(&r), before);
 }
 
 // ---------------------------------------------------------------------------------------------
