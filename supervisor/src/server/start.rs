@@ -1,60 +1,36 @@
-//! Start-up: configuration to running workers.
+//! Start-up, as a straight sequence of named steps, each with its own error:
+//!
+//! 1. [`check_options`]: what the command line asks against what the configuration requires;
+//! 2. [`initial_state`]: the saved state if there is one, else the configuration's;
+//! 3. [`keep_keys`]: every private key checked and moved into a memory file;
+//! 4. [`Resources::open`]: the state directory, signals, the event loop, the command socket, the
+//!    listening sockets (one instance per address), the audit log and the binary;
+//! 5. [`worker_launch`]: what every worker is started with;
+//! 6. the supervisor assembled and its start recorded;
+//! 7. [`Supervisor::narrow`]: the capabilities and paths it keeps;
+//! 8. every worker and the keyring spawned. Their jails are verified as their reports arrive,
+//!    and `run` serves.
 
 use super::*;
 
-impl Supervisor {
-    pub fn start(config: Config, sandbox_off: bool, log: Log) -> Result<Supervisor, StartError> {
-        if sandbox_off && config.sandbox.require_landlock {
-            return Err(StartError::SandboxRequired);
-        }
-        let configured = config.to_state()?;
-        let saved_state = config.saved_state_path();
-        let (mut state, origin) = match &saved_state {
-            Some(path) if path.exists() => {
-                let loaded = load_saved_state(path)?;
-                (loaded, StateOrigin::Saved(path.clone()))
-            }
-            _ => (configured.clone(), StateOrigin::Configuration),
-        };
-        // Which one serves, and whether the file says something else, goes to the log.
-        let origin_text = match &origin {
-            StateOrigin::Saved(path) => {
-                let differences = state.diff(&configured).len();
-                if differences == 0 {
-                    format!(
-                        "state loaded from the saved state {} (the same as the configuration file)",
-                        path.display()
-                    )
-                } else {
-                    format!(
-                        "state loaded from the saved state {}: it differs from the configuration file by {differences} change(s); `rampart apply -f FILE` applies the file",
-                        path.display()
-                    )
-                }
-            }
-            StateOrigin::Configuration => "state built from the configuration file".to_string(),
-        };
-        for (_, certificate) in state.certificates() {
-            check_key(certificate).map_err(StartError::Certificate)?;
-        }
-        let mut vault = BTreeMap::new();
-        if config.key_isolation {
-            for (fingerprint, mut key) in state.take_keys() {
-                let file = KeyFile::create(&mut key).map_err(|e| {
-                    StartError::Certificate(format!(
-                        "certificate {fingerprint}: its key cannot be moved to a memory file: {e}"
-                    ))
-                })?;
-                vault.insert(fingerprint, file);
-            }
-        }
+/// What start-up opens before the supervisor exists (step 4).
+pub(super) struct Resources {
+    pub(super) poll: Poll,
+    pub(super) signals: SignalFd,
+    pub(super) command: UnixListener,
+    pub(super) listeners: BTreeMap<String, Vec<OwnedFd>>,
+    pub(super) audit: Auditor,
+    pub(super) self_exe: OwnedFd,
+}
 
+impl Resources {
+    /// Opens everything, the audit log last: a start refused for a socket another instance
+    /// holds leaves no record in anyone's trail.
+    pub(super) fn open(config: &Config, state: &State) -> Result<Resources, StartError> {
         std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::Directory {
             path: config.state_dir.clone(),
             source,
         })?;
-        let audit = Auditor::open(&config).map_err(StartError::Audit)?;
-        let self_exe = std::fs::File::open("/proc/self/exe").map_err(StartError::SelfExe)?;
         let mut mask = SigSet::empty();
         for s in [
             Signal::SIGTERM,
@@ -95,30 +71,126 @@ impl Supervisor {
                 resources::ensure_sole_listener(address, &own, resources::CRASHED_OWNER_GRACE)?;
             }
         }
-        let jail = WorkerJailParams::from_config(&config, ProfileOptions { sandbox_off });
-        let worker_uid = if nix::unistd::Uid::effective().is_root() && !sandbox_off {
-            nix::unistd::User::from_name(&config.worker_user)
-                .ok()
-                .flatten()
-                .map(|u| u.uid.as_raw())
-        } else {
-            None
-        };
-        let launch = WorkerLaunch {
-            id: 0,
-            jail,
-            buffer_size: config.buffer_size,
-            max_connections: config.max_connections,
-            client_idle_timeout: config.timeouts.client_idle,
-            request_timeout: config.timeouts.request,
-            backend_connect_timeout: config.timeouts.backend_connect,
-            backend_response_timeout: config.timeouts.backend_response,
-            shutdown_grace: config.timeouts.shutdown_grace,
-            tls_handshake_timeout: config.timeouts.tls_handshake,
-            key_isolation: config.key_isolation,
-            refuse_cluster: None,
-        };
-        // The keyring, when keys are isolated, takes the slot after the workers.
+        let audit = Auditor::open(config).map_err(StartError::Audit)?;
+        let self_exe = std::fs::File::open("/proc/self/exe").map_err(StartError::SelfExe)?;
+        Ok(Resources {
+            poll,
+            signals,
+            command,
+            listeners,
+            audit,
+            self_exe: OwnedFd::from(self_exe),
+        })
+    }
+}
+
+/// Step 1.
+fn check_options(config: &Config, sandbox_off: bool) -> Result<(), StartError> {
+    if sandbox_off && config.sandbox.require_landlock {
+        return Err(StartError::SandboxRequired);
+    }
+    Ok(())
+}
+
+/// Step 2: the state that serves, and a sentence saying where it came from.
+fn initial_state(config: &Config) -> Result<(State, String), StartError> {
+    let configured = config.to_state()?;
+    let Some(path) = config.saved_state_path().filter(|p| p.exists()) else {
+        return Ok((configured, "state built from the configuration file".to_string()));
+    };
+    let state = load_saved_state(&path)?;
+    // Whether the file says something else goes to the log.
+    let differences = state.diff(&configured).len();
+    let text = if differences == 0 {
+        format!(
+            "state loaded from the saved state {} (the same as the configuration file)",
+            path.display()
+        )
+    } else {
+        format!(
+            "state loaded from the saved state {}: it differs from the configuration file by {differences} change(s); `rampart apply -f FILE` applies the file",
+            path.display()
+        )
+    };
+    Ok((state, text))
+}
+
+/// Step 3: every key checked against its certificate and, under key isolation, moved into a
+/// memory file; the state keeps certificates without keys.
+fn keep_keys(config: &Config, state: &mut State) -> Result<BTreeMap<String, KeyFile>, StartError> {
+    for (_, certificate) in state.certificates() {
+        check_key(certificate).map_err(StartError::Certificate)?;
+    }
+    let mut vault = BTreeMap::new();
+    if config.key_isolation {
+        for (fingerprint, mut key) in state.take_keys() {
+            let file = KeyFile::create(&mut key).map_err(|e| {
+                StartError::Certificate(format!(
+                    "certificate {fingerprint}: its key cannot be moved to a memory file: {e}"
+                ))
+            })?;
+            vault.insert(fingerprint, file);
+        }
+    }
+    Ok(vault)
+}
+
+/// Step 5: the parameters on every worker's command line, and the uid its jail must show.
+fn worker_launch(config: &Config, sandbox_off: bool) -> (WorkerLaunch, Option<u32>) {
+    let jail = WorkerJailParams::from_config(config, ProfileOptions { sandbox_off });
+    let worker_uid = if nix::unistd::Uid::effective().is_root() && !sandbox_off {
+        nix::unistd::User::from_name(&config.worker_user)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+    } else {
+        None
+    };
+    let launch = WorkerLaunch {
+        id: 0,
+        jail,
+        buffer_size: config.buffer_size,
+        max_connections: config.max_connections,
+        client_idle_timeout: config.timeouts.client_idle,
+        request_timeout: config.timeouts.request,
+        backend_connect_timeout: config.timeouts.backend_connect,
+        backend_response_timeout: config.timeouts.backend_response,
+        shutdown_grace: config.timeouts.shutdown_grace,
+        tls_handshake_timeout: config.timeouts.tls_handshake,
+        key_isolation: config.key_isolation,
+        refuse_cluster: None,
+    };
+    (launch, worker_uid)
+}
+
+impl Supervisor {
+    pub fn start(config: Config, sandbox_off: bool, log: Log) -> Result<Supervisor, StartError> {
+        check_options(&config, sandbox_off)?;
+        let (mut state, origin) = initial_state(&config)?;
+        let vault = keep_keys(&config, &mut state)?;
+        let resources = Resources::open(&config, &state)?;
+        let (launch, worker_uid) = worker_launch(&config, sandbox_off);
+        let mut supervisor = Supervisor::assemble(config, state, vault, resources, launch, worker_uid, log)?;
+        supervisor.announce(&origin, sandbox_off);
+        supervisor.narrow()?;
+        for id in 0..supervisor.workers.len() as u32 {
+            supervisor.spawn(id);
+        }
+        Ok(supervisor)
+    }
+
+    /// Step 6: the supervisor from what start-up opened; one slot per worker, and the keyring's
+    /// after them when keys are isolated.
+    fn assemble(
+        config: Config,
+        state: State,
+        vault: BTreeMap<String, KeyFile>,
+        resources: Resources,
+        launch: WorkerLaunch,
+        worker_uid: Option<u32>,
+        log: Log,
+    ) -> Result<Supervisor, StartError> {
+        let worker_count = u32::from(config.worker_count);
         let slots = worker_count + u32::from(config.key_isolation);
         let workers = (0..slots)
             .map(|id| WorkerSlot {
@@ -137,72 +209,64 @@ impl Supervisor {
                 quick_deaths: 0,
             })
             .collect();
-        let command_path = config.command_socket.clone();
-        let mut supervisor = Supervisor {
+        let state_hash = state.hash_hex();
+        Ok(Supervisor {
+            command_path: config.command_socket.clone(),
+            saved_state: config.saved_state_path(),
             config,
             state,
-            poll,
-            command,
-            command_path,
-            signals,
-            self_exe: OwnedFd::from(self_exe),
+            poll: resources.poll,
+            command: resources.command,
+            signals: resources.signals,
+            self_exe: resources.self_exe,
             launch,
             worker_uid,
             workers,
-            listeners,
+            listeners: resources.listeners,
             clients: slab::Slab::new(),
             ready_clients: VecDeque::new(),
             pending: HashMap::new(),
             next_sequence: 1,
             log,
-            audit,
+            audit: resources.audit,
             stop_deadline: None,
             fresh_listeners: Vec::new(),
             ticket_key: new_ticket_key().map_err(StartError::Random)?,
             ticket_key_made: Instant::now(),
             vault,
             keyring_keys: BTreeSet::new(),
-            state_hash: String::new(),
+            state_hash,
             retiring: Vec::new(),
             supervisor_jail: proto::JailReport::default(),
             landlock_paths: Vec::new(),
-            saved_state,
-        };
-        supervisor.state_hash = supervisor.state.hash_hex();
-        supervisor.log.info(&origin_text);
-        if let Some(repair) = supervisor.audit.repaired() {
-            supervisor.log.warn(&repair);
-        }
-        if let Some(file) = supervisor.vault.values().next() {
-            let text = format!(
-                "{} private key(s) held for the keyring in {}; none in the supervisor's memory",
-                supervisor.vault.len(),
-                file.backing().describe()
-            );
-            supervisor.log.info(&text);
-        }
-        if sandbox_off {
-            supervisor
-                .log
-                .warn("WORKERS RUN WITHOUT THEIR JAIL (--sandbox-off): for measurements only");
-        }
-        supervisor.audit.system(
-            "supervisor_start",
-            &format!(
-                "pid {}, state {}; {origin_text}",
-                std::process::id(),
-                supervisor.state_hash
-            ),
-        );
-        supervisor.narrow()?;
-        for id in 0..slots {
-            supervisor.spawn(id);
-        }
-        Ok(supervisor)
+        })
     }
 
-    /// The last step of start-up: keep only the capabilities and paths the supervisor still
-    /// uses (`rampart policy show --supervisor`). Workers started from now on inherit the
+    /// The start, in the log and the trail.
+    fn announce(&mut self, origin: &str, sandbox_off: bool) {
+        self.log.info(origin);
+        if let Some(repair) = self.audit.repaired() {
+            self.log.warn(&repair);
+        }
+        if let Some(file) = self.vault.values().next() {
+            let text = format!(
+                "{} private key(s) held for the keyring in {}; none in the supervisor's memory",
+                self.vault.len(),
+                file.backing().describe()
+            );
+            self.log.info(&text);
+        }
+        if sandbox_off {
+            self.log
+                .warn("WORKERS RUN WITHOUT THEIR JAIL (--sandbox-off): for measurements only");
+        }
+        self.audit.system(
+            "supervisor_start",
+            &format!("pid {}, state {}; {origin}", std::process::id(), self.state_hash),
+        );
+    }
+
+    /// Step 7: keep only the capabilities and paths the supervisor still uses (`rampart policy show --supervisor`). Workers started from now on inherit the
     /// narrowed bounding set and landlock domain, then enter their own jail.
     fn narrow(&mut self) -> Result<(), StartError> {
         let binary = std::fs::read_link("/proc/self/exe").map_err(StartError::SelfExe)?;
@@ -244,12 +308,6 @@ impl Supervisor {
             .collect();
         Ok(())
     }
-}
-
-/// Where the running state came from at start.
-enum StateOrigin {
-    Configuration,
-    Saved(PathBuf),
 }
 
 fn load_saved_state(path: &Path) -> Result<State, StartError> {
