@@ -18,8 +18,9 @@ use nix::sys::socket::{AddressFamily, ControlMessage, MsgFlags, SockFlag, SockTy
 use prost::Message;
 
 use crate::proto::{
-    KeyringToWorker, SupervisorToKeyring, SupervisorToWorker, WorkerOrder, WorkerToKeyring, WorkerToSupervisor,
-    keyring_to_worker, supervisor_to_keyring, supervisor_to_worker, worker_to_keyring, worker_to_supervisor,
+    HandoverToNew, HandoverToOld, KeyringToWorker, SupervisorToKeyring, SupervisorToWorker, WorkerOrder,
+    WorkerToKeyring, WorkerToSupervisor, handover_to_new, handover_to_old, keyring_to_worker, supervisor_to_keyring,
+    supervisor_to_worker, worker_to_keyring, worker_to_supervisor,
 };
 
 /// Largest datagram a channel sends or accepts. It must fit the socket's send buffer; a large
@@ -149,6 +150,44 @@ impl LinkMessage for KeyringToWorker {
         match &self.kind {
             None => "none",
             Some(keyring_to_worker::Kind::SignReply(_)) => "sign_reply",
+        }
+    }
+}
+
+impl LinkMessage for HandoverToNew {
+    fn expected_fds(&self) -> usize {
+        use handover_to_new::Kind;
+        match &self.kind {
+            Some(Kind::Listener(_) | Kind::CommandSocket(_)) => 1,
+            Some(Kind::Begin(_) | Kind::Order(_) | Kind::Key(_) | Kind::End(_)) | None => 0,
+        }
+    }
+
+    fn kind_name(&self) -> &'static str {
+        use handover_to_new::Kind;
+        match &self.kind {
+            None => "none",
+            Some(Kind::Begin(_)) => "begin",
+            Some(Kind::Order(_)) => "order",
+            Some(Kind::Listener(_)) => "listener",
+            Some(Kind::CommandSocket(_)) => "command_socket",
+            Some(Kind::Key(_)) => "key",
+            Some(Kind::End(_)) => "end",
+        }
+    }
+}
+
+impl LinkMessage for HandoverToOld {
+    fn expected_fds(&self) -> usize {
+        0
+    }
+
+    fn kind_name(&self) -> &'static str {
+        use handover_to_old::Kind;
+        match &self.kind {
+            None => "none",
+            Some(Kind::Ready(_)) => "ready",
+            Some(Kind::Failed(_)) => "failed",
         }
     }
 }

@@ -128,7 +128,7 @@ pub fn kind_info(kind: &Kind) -> &'static KindInfo {
         Kind::SubscribeEvents(_) => &const { row("subscribe_events", false, false, Auditor, Handler::NotAvailable) },
         Kind::SoftStop(_) => &const { control("soft_stop", Admin) },
         Kind::HardStop(_) => &const { control("hard_stop", Admin) },
-        Kind::UpgradeMain(_) => &const { row("upgrade_main", false, true, Admin, Handler::NotAvailable) },
+        Kind::UpgradeMain(_) => &const { control("upgrade_main", Admin) },
         Kind::UpgradeWorker(_) => &const { row("upgrade_worker", false, true, Admin, Handler::NotAvailable) },
         Kind::SetHealthCheck(_) => &const { row("set_health_check", false, true, Operator, Handler::NotAvailable) },
         Kind::RemoveHealthCheck(_) => {

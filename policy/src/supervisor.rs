@@ -9,7 +9,8 @@
 //!   that neither the supervisor nor a process it executes can regain another;
 //! - files: read the configuration and access policy, the libraries and account files a
 //!   process start needs, and /proc; write only in the audit, state, log and command-socket
-//!   directories; execute only its own binary (to start workers). Certificate files are read
+//!   directories; execute only its own binary (to start workers) and what is in its directory
+//!   (to start the binary an upgrade put there). Certificate files are read
 //!   once at start and never again (runtime certificates arrive over the socket as bytes).
 //!
 //! Network rules are not part of it: the supervisor binds listeners added at runtime, on any
@@ -133,6 +134,15 @@ impl SupervisorProfile {
             PathAccess::Execute,
             "its own binary: workers and the keyring are started from it",
         );
+        // Landlock ties a rule to the file it names: a package manager that replaces the binary
+        // puts a new file there, which `rampart upgrade` must be able to start.
+        if let Some(dir) = parent(binary) {
+            rule(
+                dir,
+                PathAccess::Execute,
+                "the directory of its binary: `rampart upgrade` starts the binary now there (a new file)",
+            );
+        }
         for lib in ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/etc/ld.so.cache"] {
             rule(
                 PathBuf::from(lib),
@@ -167,6 +177,13 @@ impl SupervisorProfile {
                 dir,
                 PathAccess::Write,
                 "the audit log: appended, rotated (SIGUSR2), its directory fsynced",
+            );
+        }
+        if let Some(key) = &config.audit.signing_key {
+            rule(
+                key.clone(),
+                PathAccess::Read,
+                "the checkpoint signing key, read again by an upgraded supervisor",
             );
         }
         if let Some(dir) = config.audit.hmac_key.as_deref().and_then(parent) {
@@ -268,7 +285,7 @@ mod tests {
             .filter(|r| r.access == PathAccess::Execute)
             .map(|r| r.path.as_path())
             .collect();
-        assert_eq!(executable, [Path::new("/usr/bin/rampart")]);
+        assert_eq!(executable, [Path::new("/usr/bin/rampart"), Path::new("/usr/bin")]);
         assert!(
             !p.capabilities
                 .iter()

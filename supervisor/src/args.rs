@@ -31,6 +31,10 @@ pub(crate) enum Command {
         /// configuration requires landlock.
         #[arg(long)]
         sandbox_off: bool,
+        /// The handover channel from the supervisor being upgraded (set by `rampart upgrade`,
+        /// never by hand).
+        #[arg(long, hide = true)]
+        handover_fd: Option<i32>,
     },
     /// A worker process (started by the supervisor, never by hand).
     #[command(hide = true)]

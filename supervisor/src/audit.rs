@@ -122,6 +122,21 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+fn audit_options(config: &Config) -> AuditOptions {
+    AuditOptions {
+        signing_key: config.audit.signing_key.clone(),
+        checkpoint_every: (config.audit.checkpoint_every > 0).then_some(config.audit.checkpoint_every),
+        checkpoint_interval: (config.audit.checkpoint_interval > 0)
+            .then(|| Duration::from_secs(config.audit.checkpoint_interval)),
+        hmac_key: config.audit.hmac_key.clone(),
+        epoch_records: config.audit.epoch_records.max(1),
+        syslog: config.audit.syslog_socket.as_ref().map(|socket| SyslogOptions {
+            socket: socket.clone(),
+            ..SyslogOptions::default()
+        }),
+    }
+}
+
 /// The real gid of a running process, from /proc.
 fn process_gid(pid: i32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -210,18 +225,7 @@ impl Auditor {
                 source,
             })?;
         }
-        let options = AuditOptions {
-            signing_key: config.audit.signing_key.clone(),
-            checkpoint_every: (config.audit.checkpoint_every > 0).then_some(config.audit.checkpoint_every),
-            checkpoint_interval: (config.audit.checkpoint_interval > 0)
-                .then(|| Duration::from_secs(config.audit.checkpoint_interval)),
-            hmac_key: config.audit.hmac_key.clone(),
-            epoch_records: config.audit.epoch_records.max(1),
-            syslog: config.audit.syslog_socket.as_ref().map(|socket| SyslogOptions {
-                socket: socket.clone(),
-                ..SyslogOptions::default()
-            }),
-        };
+        let options = audit_options(config);
         let log = AuditLog::open(&config.audit_log, options)?;
         let own_uid = nix::unistd::Uid::current().as_raw();
         let policy = match &config.access_policy {
@@ -440,6 +444,20 @@ impl Auditor {
                 .map(|p| format!("audit log rotated; previous file is {}", p.display()))?),
             None => Err(AuditorError::Closed),
         }
+    }
+
+    /// Closes the log for an upgrade: the new supervisor opens it next (a log has one writer).
+    pub fn suspend(&mut self) {
+        self.close();
+    }
+
+    /// Opens the log again after an upgrade that did not happen (the chain continues after
+    /// whatever the new supervisor wrote).
+    pub fn resume(&mut self, config: &Config) -> Result<(), AuditorError> {
+        if self.log.is_none() {
+            self.log = Some(AuditLog::open(&config.audit_log, audit_options(config))?);
+        }
+        Ok(())
     }
 
     /// Closes the log with a final checkpoint (after the last summary of refusals).

@@ -23,6 +23,7 @@ mod args;
 mod audit;
 mod cli;
 mod log;
+mod notify;
 mod server;
 mod wipe;
 
@@ -65,7 +66,10 @@ fn main() -> ExitCode {
     }
     let (config, json) = (cli.config, cli.json);
     match cli.command {
-        Command::Start { sandbox_off } => start(config, sandbox_off),
+        Command::Start {
+            sandbox_off,
+            handover_fd,
+        } => start(config, sandbox_off, handover_fd),
         Command::Worker { channel_fd, launch } => worker(channel_fd, &launch, false),
         Command::Keyring { channel_fd, launch } => worker(channel_fd, &launch, true),
         Command::Audit { command } => rampart_audit::cli::run(command),
@@ -91,14 +95,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn start(path: Option<PathBuf>, sandbox_off: bool) -> ExitCode {
+fn start(path: Option<PathBuf>, sandbox_off: bool, handover_fd: Option<i32>) -> ExitCode {
     let config = match load_config(&path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     let mut log = log::Log::new(&config.log_target, &config.log_level);
     raise_nofile(&mut log);
-    let mut supervisor = match server::Supervisor::start(config, sandbox_off, log) {
+    // SAFETY: the supervisor that started this one for an upgrade put the handover channel at
+    // this descriptor, for this process alone.
+    let handover = handover_fd.map(|fd| {
+        rampart_command::channel::Channel::from(unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        })
+    });
+    let mut supervisor = match server::Supervisor::start(config, sandbox_off, log, handover) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");

@@ -116,6 +116,14 @@ pub enum ClientCommand {
         #[arg(long)]
         hard: bool,
     },
+    /// Hand the supervisor over to the binary now at its path (a package upgrade) without
+    /// closing a connection: the new one takes the sockets, state and keys, its workers are
+    /// verified, then the old generation drains. `--worker N` replaces one worker in place.
+    Upgrade {
+        /// Replace only this worker (slot id, see `rampart workers`).
+        #[arg(long, value_name = "N")]
+        worker: Option<u32>,
+    },
     /// Set, remove or list active health checks.
     HealthCheck {
         #[command(subcommand)]
@@ -158,6 +166,8 @@ pub(super) fn to_request(command: &ClientCommand) -> Result<Option<Request>, Cli
         ClientCommand::Apply { .. } => return Ok(None),
         ClientCommand::Shutdown { hard: false } => Kind::SoftStop(proto::Empty {}),
         ClientCommand::Shutdown { hard: true } => Kind::HardStop(proto::Empty {}),
+        ClientCommand::Upgrade { worker: None } => Kind::UpgradeMain(proto::Empty {}),
+        ClientCommand::Upgrade { worker: Some(id) } => Kind::UpgradeWorker(proto::WorkerId { id: *id }),
         ClientCommand::HealthCheck { action } => health_check_kind(action),
         ClientCommand::Policy => Kind::ShowPolicy(proto::Empty {}),
         ClientCommand::ReloadPolicy => Kind::ReloadPolicy(proto::Empty {}),

@@ -139,6 +139,10 @@ impl Supervisor {
     /// One turn: every client queued now handles at most [`FRAMES_PER_TURN`] frames; one with
     /// more input goes back in the queue.
     pub(super) fn serve_clients(&mut self) {
+        // During a handover the audit log is the new supervisor's: requests wait.
+        if self.upgrade.is_some() {
+            return;
+        }
         for _ in 0..self.ready_clients.len() {
             let Some(key) = self.ready_clients.pop_front() else {
                 return;

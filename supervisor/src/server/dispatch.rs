@@ -197,6 +197,20 @@ impl Supervisor {
                 return;
             }
         };
+        if matches!(request.kind, Some(Kind::UpgradeMain(_))) {
+            // Answered when the new supervisor confirms or fails (upgrade.rs).
+            let Err(message) = self.begin_upgrade(key, peer.clone(), request.clone(), received_seq) else {
+                return;
+            };
+            self.audit.completed(
+                &peer,
+                &request,
+                received_seq,
+                Completion::outcome(Outcome::error("upgrade_failed", &message)),
+            );
+            self.respond(key, &id, false, message, None);
+            return;
+        }
         let result = match &request.kind {
             Some(Kind::SaveState(p)) => match self.audit.state_path(&p.path) {
                 Ok(path) => self

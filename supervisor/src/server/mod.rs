@@ -14,6 +14,7 @@ mod keys;
 mod query;
 mod resources;
 mod start;
+mod upgrade;
 mod workers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -54,6 +55,8 @@ use resources::{bind_listener, command_socket, write_private_file};
 
 const COMMAND: Token = Token(0);
 const SIGNALS: Token = Token(1);
+/// The handover channel to the new supervisor, during an upgrade.
+const UPGRADE: Token = Token(2);
 const WORKER_BASE: usize = 100;
 const CLIENT_BASE: usize = 100_000;
 /// How long a request waits for every worker's acknowledgement.
@@ -110,6 +113,8 @@ pub enum StartError {
     Audit(crate::audit::AuditorError),
     #[error("cannot create {}: {source}", path.display())]
     Directory { path: PathBuf, source: io::Error },
+    #[error("the upgrade handover failed: {0}")]
+    Handover(upgrade::HandoverError),
     #[error("the supervisor cannot narrow its own privileges: {0}")]
     Narrow(rampart_sandbox::JailError),
     #[error("the saved state {} cannot be loaded: {reason}; move it away to start from the configuration file", path.display())]
@@ -269,6 +274,19 @@ pub struct Supervisor {
     supervisor_jail: proto::JailReport,
     /// Where its landlock rules let it write, for error messages.
     landlock_paths: Vec<String>,
+    /// The binary at its path on disk: what an upgrade starts.
+    binary_path: PathBuf,
+    /// An upgrade this supervisor started, until the new one confirms or fails.
+    upgrade: Option<upgrade::OldSide>,
+    /// A supervisor started by a handover, until it confirms.
+    handover: Option<upgrade::NewSide>,
+    /// The new generation serves: this one only drains.
+    handed_over: bool,
+    /// Set to end the loop with this code.
+    exit_code: Option<i32>,
+    notifier: crate::notify::Notifier,
+    /// `READY=1` was sent.
+    ready_notified: bool,
 }
 
 /// How long a session ticket key is used before a new one replaces it.
@@ -306,6 +324,7 @@ impl Supervisor {
             for (token, readable, writable) in tokens {
                 match token {
                     COMMAND => self.accept_clients(),
+                    UPGRADE => self.upgrade_message(),
                     SIGNALS => {
                         if let Some(code) = self.handle_signals() {
                             return code;
@@ -343,6 +362,10 @@ impl Supervisor {
 
     fn tick(&mut self) -> Option<i32> {
         let now = Instant::now();
+        if let Some(code) = self.exit_code {
+            return Some(code);
+        }
+        self.watch_upgrade(None);
         self.audit.tick();
         if now.duration_since(self.ticket_key_made) > TICKET_KEY_LIFETIME {
             self.rotate_ticket_key(now);
@@ -377,6 +400,15 @@ impl Supervisor {
         }
         self.expire_pending(now);
         if let Some(deadline) = self.stop_deadline {
+            // A generation that handed over keeps its keyring until its workers are gone: their
+            // handshakes under way still need it.
+            if self.handed_over && !self.workers.iter().any(|w| !w.keyring && w.pid.is_some()) {
+                for w in self.workers.iter().filter(|w| w.keyring) {
+                    if let Some(pid) = w.pid {
+                        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                    }
+                }
+            }
             let alive = self.workers.iter().filter(|w| w.pid.is_some()).count() + self.retiring.len();
             if alive == 0 {
                 self.log.info("all workers stopped; exiting");
@@ -444,7 +476,15 @@ impl Supervisor {
             id: String::new(),
             kind: Some(kind),
         };
+        if self.upgrade.is_some() {
+            self.abandon_upgrade("the supervisor is stopping");
+        }
+        self.notifier.send("STOPPING=1");
         for id in 0..self.workers.len() as u32 {
+            // After a handover the keyring stays until the workers are gone (see `tick`).
+            if self.handed_over && self.workers.get(id as usize).is_some_and(|w| w.keyring) {
+                continue;
+            }
             self.send_order(id, 0, request.clone());
             if let Some(w) = self.workers.get_mut(id as usize)
                 && w.run_state == RunState::Running

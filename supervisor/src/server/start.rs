@@ -24,6 +24,33 @@ pub(super) struct Resources {
 }
 
 impl Resources {
+    /// What a new supervisor takes over from the old one in an upgrade: the very listening
+    /// sockets and command socket (so no queue closes), then the audit log the old one closed.
+    /// The command socket is served only once the upgrade is confirmed (see `confirm_handover`).
+    pub(super) fn adopt(
+        config: &Config,
+        handed: BTreeMap<String, BTreeMap<u32, OwnedFd>>,
+        command: OwnedFd,
+    ) -> Result<Resources, StartError> {
+        let (poll, signals) = event_loop()?;
+        let command = UnixListener::from_std(std::os::unix::net::UnixListener::from(command));
+        // The sockets of a listener, in slot order.
+        let listeners = handed
+            .into_iter()
+            .map(|(address, fds)| (address, fds.into_values().collect()))
+            .collect();
+        let audit = Auditor::open(config).map_err(StartError::Audit)?;
+        let self_exe = std::fs::File::open("/proc/self/exe").map_err(StartError::SelfExe)?;
+        Ok(Resources {
+            poll,
+            signals,
+            command,
+            listeners,
+            audit,
+            self_exe: OwnedFd::from(self_exe),
+        })
+    }
+
     /// Opens everything, the audit log last: a start refused for a socket another instance
     /// holds leaves no record in anyone's trail.
     pub(super) fn open(config: &Config, state: &State) -> Result<Resources, StartError> {
@@ -31,28 +58,10 @@ impl Resources {
             path: config.state_dir.clone(),
             source,
         })?;
-        let mut mask = SigSet::empty();
-        for s in [
-            Signal::SIGTERM,
-            Signal::SIGINT,
-            Signal::SIGQUIT,
-            Signal::SIGHUP,
-            Signal::SIGUSR2,
-            Signal::SIGCHLD,
-            Signal::SIGPIPE,
-        ] {
-            mask.add(s);
-        }
-        mask.thread_block().map_err(StartError::Signals)?;
-        let signals =
-            SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).map_err(StartError::Signals)?;
-        let poll = Poll::new().map_err(StartError::Poll)?;
+        let (poll, signals) = event_loop()?;
         let mut command = command_socket(&config.command_socket, config.access_policy.is_some())?;
         poll.registry()
             .register(&mut command, COMMAND, Interest::READABLE)
-            .map_err(StartError::Poll)?;
-        poll.registry()
-            .register(&mut SourceFd(&signals.as_fd().as_raw_fd()), SIGNALS, Interest::READABLE)
             .map_err(StartError::Poll)?;
         let worker_count = u32::from(config.worker_count);
         let mut listeners = BTreeMap::new();
@@ -82,6 +91,60 @@ impl Resources {
             self_exe: OwnedFd::from(self_exe),
         })
     }
+}
+
+/// The signals the supervisor handles, blocked and read from a signalfd, and the event loop
+/// that watches it.
+fn event_loop() -> Result<(Poll, SignalFd), StartError> {
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGHUP,
+        Signal::SIGUSR2,
+        Signal::SIGCHLD,
+        Signal::SIGPIPE,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block().map_err(StartError::Signals)?;
+    let signals =
+        SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).map_err(StartError::Signals)?;
+    let poll = Poll::new().map_err(StartError::Poll)?;
+    poll.registry()
+        .register(&mut SourceFd(&signals.as_fd().as_raw_fd()), SIGNALS, Interest::READABLE)
+        .map_err(StartError::Poll)?;
+    Ok((poll, signals))
+}
+
+/// Step 2, in an upgrade: the state the old supervisor sent, with its keys.
+fn handed_over_state(config: &Config, handover: &mut upgrade::Handover) -> Result<(State, String), StartError> {
+    let mut state = if config.key_isolation {
+        State::without_keys()
+    } else {
+        State::new()
+    };
+    for mut request in std::mem::take(&mut handover.requests) {
+        if !config.key_isolation {
+            // Keys in the workers: the certificates get theirs back.
+            visit_certificates(&mut request, &mut |c| {
+                if let Ok(fp) = certificate_fingerprint(&c.certificate)
+                    && let Some((_, key)) = handover.keys.iter().find(|(f, _)| *f == fp)
+                {
+                    c.key.clone_from(key);
+                }
+            });
+        }
+        state
+            .apply(&request)
+            .map_err(|e| StartError::Handover(upgrade::HandoverError::State(e.to_string())))?;
+    }
+    let text = format!(
+        "state handed over by pid {} (state {})",
+        handover.begin.old_pid, handover.begin.state_hash
+    );
+    Ok((state, text))
 }
 
 /// Step 1.
@@ -164,19 +227,81 @@ fn worker_launch(config: &Config, sandbox_off: bool) -> (WorkerLaunch, Option<u3
 }
 
 impl Supervisor {
-    pub fn start(config: Config, sandbox_off: bool, log: Log) -> Result<Supervisor, StartError> {
+    /// `handover`: the channel from the supervisor that started this one for an upgrade.
+    pub fn start(
+        config: Config,
+        sandbox_off: bool,
+        log: Log,
+        handover: Option<Channel>,
+    ) -> Result<Supervisor, StartError> {
         check_options(&config, sandbox_off)?;
-        let (mut state, origin) = initial_state(&config)?;
-        let vault = keep_keys(&config, &mut state)?;
-        let resources = Resources::open(&config, &state)?;
-        let (launch, worker_uid) = worker_launch(&config, sandbox_off);
-        let mut supervisor = Supervisor::assemble(config, state, vault, resources, launch, worker_uid, log)?;
-        supervisor.announce(&origin, sandbox_off);
+        let Some(channel) = handover else {
+            let (mut state, origin) = initial_state(&config)?;
+            let vault = keep_keys(&config, &mut state)?;
+            let resources = Resources::open(&config, &state)?;
+            let (launch, worker_uid) = worker_launch(&config, sandbox_off);
+            let mut supervisor = Supervisor::assemble(config, state, vault, resources, launch, worker_uid, log)?;
+            supervisor.announce(&origin, sandbox_off);
+            return supervisor.finish_start();
+        };
+        // An upgrade: what the old supervisor hands over replaces the configuration's state.
+        let started = (|| -> Result<(Supervisor, proto::HandoverBegin), StartError> {
+            let mut handover = upgrade::receive(&channel).map_err(StartError::Handover)?;
+            let (mut state, origin) = handed_over_state(&config, &mut handover)?;
+            let mut vault = keep_keys(&config, &mut state)?;
+            for (fingerprint, mut key) in std::mem::take(&mut handover.keys) {
+                if config.key_isolation {
+                    let file = KeyFile::create(&mut key).map_err(|e| {
+                        StartError::Certificate(format!("certificate {fingerprint}: its key cannot be kept: {e}"))
+                    })?;
+                    vault.insert(fingerprint, file);
+                }
+            }
+            let listeners = std::mem::take(&mut handover.listeners);
+            let command = handover
+                .command
+                .take()
+                .ok_or(StartError::Handover(upgrade::HandoverError::NoCommandSocket))?;
+            let resources = Resources::adopt(&config, listeners, command)?;
+            let (launch, worker_uid) = worker_launch(&config, sandbox_off);
+            let mut supervisor = Supervisor::assemble(config, state, vault, resources, launch, worker_uid, log)?;
+            supervisor.ticket_key.clone_from(&handover.begin.ticket_key);
+            supervisor.announce(&origin, sandbox_off);
+            let begin = &handover.begin;
+            supervisor.audit.system(
+                "upgrade_started",
+                &format!(
+                    "pid {} (version {}, binary sha256 {}) takes over from pid {} (version {}, sha256 {})",
+                    std::process::id(),
+                    crate::VERSION,
+                    begin.new_binary_sha256,
+                    begin.old_pid,
+                    begin.old_version,
+                    begin.old_binary_sha256
+                ),
+            );
+            Ok((supervisor, handover.begin))
+        })();
+        match started {
+            Ok((mut supervisor, begin)) => {
+                supervisor.handover = Some(upgrade::NewSide { channel, begin });
+                supervisor.finish_start()
+            }
+            Err(e) => {
+                upgrade::refuse(&channel, &e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Steps 7 and 8.
+    fn finish_start(mut self) -> Result<Supervisor, StartError> {
+        let supervisor = &mut self;
         supervisor.narrow()?;
         for id in 0..supervisor.workers.len() as u32 {
             supervisor.spawn(id);
         }
-        Ok(supervisor)
+        Ok(self)
     }
 
     /// Step 6: the supervisor from what start-up opened; one slot per worker, and the keyring's
@@ -239,6 +364,13 @@ impl Supervisor {
             retiring: Vec::new(),
             supervisor_jail: proto::JailReport::default(),
             landlock_paths: Vec::new(),
+            binary_path: std::fs::read_link("/proc/self/exe").map_err(StartError::SelfExe)?,
+            upgrade: None,
+            handover: None,
+            handed_over: false,
+            exit_code: None,
+            notifier: crate::notify::Notifier::from_environment(),
+            ready_notified: false,
         })
     }
 

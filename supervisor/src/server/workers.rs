@@ -117,9 +117,11 @@ impl Supervisor {
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => {
+                    self.watch_upgrade(Some((pid, format!("exited with code {code}"))));
                     self.worker_ended(pid, format!("exited with code {code}"), code == 0)
                 }
                 Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                    self.watch_upgrade(Some((pid, format!("was killed by signal {}", signal_name(signal)))));
                     self.worker_ended(pid, format!("killed by signal {}", signal_name(signal)), false)
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
@@ -374,13 +376,24 @@ impl Supervisor {
                 allow_bounding: !nix::unistd::Uid::effective().is_root(),
                 skip_private: !nix::unistd::Uid::effective().is_root(),
             };
-            if let Err(violations) = rampart_sandbox::inspect::verify_jailed(pid.as_raw(), &expect) {
+            let mut verdict = rampart_sandbox::inspect::verify_jailed(pid.as_raw(), &expect).map(|_| ());
+            // Test hook (upgrade.rs): a supervisor started by a handover fails its first worker.
+            if self.handover.is_some() && id == 0 && std::env::var_os(upgrade::TEST_FAIL_JAIL).is_some() {
+                verdict = Err(vec![rampart_sandbox::inspect::Violation::Unreadable {
+                    what: "the jail (test hook)".into(),
+                    error: format!("{} is set", upgrade::TEST_FAIL_JAIL),
+                }]);
+            }
+            if let Err(violations) = verdict {
                 let text: Vec<String> = violations.iter().map(ToString::to_string).collect();
-                self.log.error(&format!(
+                let message = format!(
                     "worker {id} (pid {pid}) is not jailed as required: {}; killing it",
                     text.join("; ")
-                ));
+                );
+                self.log.error(&message);
                 let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                // During an upgrade, the new generation gives up: the old one serves on.
+                self.fail_handover(&message);
                 return;
             }
         }
@@ -401,6 +414,7 @@ impl Supervisor {
             for w in workers {
                 self.link_keyring(w);
             }
+            self.all_verified();
             return;
         }
         // The ticket key, the state as the same requests the supervisor applied, the listeners.
@@ -412,6 +426,37 @@ impl Supervisor {
             self.send_order(id, 0, request);
         }
         self.link_keyring(id);
+        // During an upgrade, no new worker gets a socket before every one is verified.
+        if self.handover.is_none() {
+            self.handoff_listeners(id);
+            // It accepts from now on: new connections may go to its socket again.
+            self.steer_listeners();
+        }
+        self.all_verified();
+    }
+
+    /// Once every slot runs: the service manager learns it (the first time), and an upgrade
+    /// under way is confirmed.
+    fn all_verified(&mut self) {
+        if !self.workers.iter().all(|w| w.run_state == RunState::Running) {
+            return;
+        }
+        if self.handover.is_some() {
+            self.confirm_handover();
+        } else if !self.ready_notified {
+            self.notifier.send(&format!(
+                "READY=1\nSTATUS={} worker(s) verified; serving",
+                self.workers.iter().filter(|w| !w.keyring).count()
+            ));
+        }
+        self.ready_notified = true;
+    }
+
+    /// Hands worker `id` one listening socket per listener.
+    pub(super) fn handoff_listeners(&mut self, id: u32) {
+        if self.workers.get(id as usize).is_none_or(|w| w.keyring) {
+            return;
+        }
         let handoffs: Vec<(String, i32, RawFd)> = self
             .listeners
             .iter()
@@ -430,8 +475,6 @@ impl Supervisor {
             let message = to_worker(to_worker::Kind::Listener(proto::ListenerHandoff { address, protocol }));
             self.send(id, message, Some(fd));
         }
-        // It accepts from now on: new connections may go to its socket again.
-        self.steer_listeners();
     }
 
     pub(super) fn running_workers(&self) -> Vec<u32> {
