@@ -142,6 +142,8 @@ pub struct Rampart {
     pub config: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// The binary it was started from.
+    pub bin: PathBuf,
 }
 
 /// The common head of a test configuration: paths inside `dir`.
@@ -173,6 +175,12 @@ impl Rampart {
         Self::start_inner(name, config, &[], None, env)
     }
 
+    /// Starts rampart from a copy of the binary in its own directory (`bin`), which an upgrade
+    /// test may then replace or remove, with these variables added to its environment.
+    pub fn start_copied(name: &str, config: &str, env: &[(&str, &str)]) -> Rampart {
+        Self::start_from(name, config, &[], None, env, true)
+    }
+
     fn start_inner(
         name: &str,
         config: &str,
@@ -180,12 +188,31 @@ impl Rampart {
         nofile: Option<u64>,
         env: &[(&str, &str)],
     ) -> Rampart {
+        Self::start_from(name, config, extra_args, nofile, env, false)
+    }
+
+    fn start_from(
+        name: &str,
+        config: &str,
+        extra_args: &[&str],
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+        copy: bool,
+    ) -> Rampart {
         let dir = TempDir::new(name);
         let text = config.replace("{dir}", &dir.path().display().to_string());
         let config_path = dir.path().join("rampart.toml");
         std::fs::write(&config_path, &text).unwrap();
         let log = dir.path().join("rampart.log");
-        let child = Self::spawn_supervisor(&config_path, &log, extra_args, nofile, env);
+        let bin = if copy {
+            let bin = dir.path().join("bin/rampart");
+            std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+            std::fs::copy(rampart_bin(), &bin).unwrap();
+            bin
+        } else {
+            rampart_bin()
+        };
+        let child = Self::spawn_supervisor(&bin, &config_path, &log, extra_args, nofile, env);
         let socket = dir.path().join("rampart.sock");
         let r = Rampart {
             child,
@@ -193,6 +220,7 @@ impl Rampart {
             config: config_path,
             socket,
             log,
+            bin,
         };
         r.wait_running();
         r
@@ -205,7 +233,7 @@ impl Rampart {
         let _ = self.child.wait();
         // The workers go with their supervisor (PDEATHSIG); wait until they are gone.
         std::thread::sleep(std::time::Duration::from_millis(300));
-        self.child = Self::spawn_supervisor(&self.config, &self.log, &[], None, &[]);
+        self.child = Self::spawn_supervisor(&self.bin, &self.config, &self.log, &[], None, &[]);
         self.wait_running();
     }
 
@@ -235,6 +263,7 @@ impl Rampart {
     }
 
     fn spawn_supervisor(
+        bin: &Path,
         config_path: &Path,
         log: &Path,
         extra_args: &[&str],
@@ -242,7 +271,7 @@ impl Rampart {
         env: &[(&str, &str)],
     ) -> std::process::Child {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let mut command = std::process::Command::new(rampart_bin());
+        let mut command = std::process::Command::new(bin);
         command
             .arg("start")
             .arg("-c")
@@ -340,8 +369,23 @@ impl Rampart {
     }
 }
 
+impl Rampart {
+    /// The pid of the supervisor serving now (after an upgrade, not `child`'s).
+    pub fn supervisor_pid(&self) -> Option<i32> {
+        let out = self.try_ctl(&["status", "--json"]).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v["content"]["status_report"]["pid"].as_i64().map(|p| p as i32)
+    }
+}
+
 impl Drop for Rampart {
     fn drop(&mut self) {
+        // An upgraded supervisor is not our child: stop whichever one serves.
+        if let Some(pid) = self.supervisor_pid()
+            && pid != self.child.id() as i32
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

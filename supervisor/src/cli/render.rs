@@ -108,6 +108,7 @@ pub(super) fn render_status(s: &proto::StatusReport) -> String {
     let _ = writeln!(out, "clusters    {}", s.clusters);
     let _ = writeln!(out, "frontends   {}", s.frontends);
     let _ = writeln!(out, "backends    {}", s.backends);
+    let _ = writeln!(out, "pid         {}", s.pid);
     if let Some(j) = &s.supervisor {
         let _ = writeln!(
             out,

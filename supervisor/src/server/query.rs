@@ -29,6 +29,7 @@ impl Supervisor {
                     backends: state.backend_count() as u64,
                     listeners: state.listeners().len() as u64,
                     supervisor: Some(self.supervisor_jail.clone()),
+                    pid: std::process::id() as i32,
                 })),
             )),
             Some(Kind::ListWorkers(_)) => Ok((

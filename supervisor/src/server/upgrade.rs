@@ -109,8 +109,14 @@ pub(super) fn receive(channel: &Channel) -> Result<Handover, HandoverError> {
         match received.message.kind {
             Some(H::Begin(b)) => {
                 if b.version != speaks {
-                    let error = HandoverError::Version { got: b.version, speaks };
-                    return Err(error);
+                    // Everything the old one sends is read first: a peer that closes with
+                    // messages unread makes the old one see a reset instead of the refusal.
+                    while let Ok(Some(rest)) = channel.recv::<proto::HandoverToNew>() {
+                        if matches!(rest.message.kind, Some(H::End(_))) {
+                            break;
+                        }
+                    }
+                    return Err(HandoverError::Version { got: b.version, speaks });
                 }
                 begin = Some(b);
             }

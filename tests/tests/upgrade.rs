@@ -1,0 +1,267 @@
+//! `rampart upgrade` against the real binary: the supervisor hands itself over to the binary at
+//! its path without losing a connection, three times in a row under load; and when the new
+//! binary is missing, exits at once, speaks another handover version or fails its jail, the old
+//! generation serves on untouched and the client and the trail say why.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rampart_tests::{EchoBackend, Rampart, config_head, free_port, raw_exchange, require_tool};
+use serde_json::Value;
+
+fn config(port: u16, backend: u16, workers: u16) -> String {
+    format!(
+        "{}[sandbox]\nbackend_ports = [{backend}]\n\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n\n[clusters.app]\nbackends = [ {{ address = \"127.0.0.1:{backend}\" }} ]\nfrontends = [ {{ address = \"127.0.0.1:{port}\", hostname = \"app.example\" }} ]\n",
+        config_head(Path::new("{dir}"), workers)
+    )
+}
+
+/// Requests on new connections, one after the other, until stopped: (served, failed).
+fn traffic(port: u16) -> (Arc<AtomicBool>, std::thread::JoinHandle<(u64, u64)>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+            while !stop.load(Ordering::Relaxed) {
+                let reply = raw_exchange(
+                    port,
+                    b"GET / HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n",
+                    Duration::from_secs(10),
+                );
+                if reply.starts_with("HTTP/1.1 200") {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (ok.into_inner(), failed.into_inner())
+        })
+    };
+    (stop, handle)
+}
+
+fn pids(r: &Rampart) -> Vec<i64> {
+    let v: Value = serde_json::from_str(&r.ctl(&["workers", "--json"])).unwrap();
+    let mut pids: Vec<i64> = v["content"]["workers"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["pid"].as_i64())
+        .collect();
+    pids.sort();
+    pids
+}
+
+fn completed_upgrades(r: &Rampart) -> Vec<Value> {
+    r.audit_records()
+        .into_iter()
+        .filter(|x| x["action"] == "upgrade_main" && x["stage"] == "completed")
+        .collect()
+}
+
+/// Item 3: each way an upgrade can fail leaves the old generation serving, untouched, with zero
+/// failed requests, and the client and the trail say why.
+#[test]
+fn a_failed_upgrade_leaves_the_old_generation_serving() {
+    let cases: [(&str, &[(&str, &str)], &str); 4] = [
+        ("missing", &[], "cannot be read"),
+        ("exits", &[], "the handover to the new binary failed"),
+        (
+            "version",
+            &[("RAMPART_TEST_HANDOVER_VERSION", "99")],
+            "handover version 1; this binary speaks 99",
+        ),
+        (
+            "jail",
+            &[("RAMPART_TEST_UPGRADE_FAILS_JAIL", "1")],
+            "is not jailed as required",
+        ),
+    ];
+    let backend = EchoBackend::start();
+    for (case, env, reason) in cases {
+        let port = free_port();
+        let r = Rampart::start_copied(&format!("upgrade-fail-{case}"), &config(port, backend.port, 2), env);
+        let before = (r.supervisor_pid(), pids(&r));
+        match case {
+            "missing" => std::fs::remove_file(&r.bin).unwrap(),
+            // A binary that exits at once, where the package manager would have put rampart.
+            "exits" => {
+                std::fs::remove_file(&r.bin).unwrap();
+                std::fs::copy("/bin/false", &r.bin).unwrap();
+            }
+            _ => {}
+        }
+        let (stop, load) = traffic(port);
+        std::thread::sleep(Duration::from_millis(300));
+        let err = r
+            .try_ctl(&["upgrade"])
+            .expect_err("a failed upgrade was reported as done");
+        assert!(err.contains(reason), "{case}: {err}");
+        std::thread::sleep(Duration::from_millis(500));
+        // Still the same generation, and it takes changes.
+        assert_eq!(
+            (r.supervisor_pid(), pids(&r)),
+            before,
+            "{case}: the old generation changed"
+        );
+        r.ctl(&["cluster", "add", "after-failed-upgrade"]);
+        stop.store(true, Ordering::Relaxed);
+        let (ok, failed) = load.join().unwrap();
+        assert!(ok > 10, "{case}: only {ok} requests");
+        assert_eq!(failed, 0, "{case}: {failed} of {} requests failed", ok + failed);
+        let recs = completed_upgrades(&r);
+        assert_eq!(recs.len(), 1, "{case}");
+        assert_eq!(recs[0]["outcome"]["code"], "upgrade_failed", "{case}: {}", recs[0]);
+        assert!(
+            recs[0]["outcome"]["message"].as_str().unwrap().contains(reason),
+            "{case}"
+        );
+        r.assert_audit_verifies();
+    }
+}
+
+/// Items 1 and 2: three upgrades in a row under wrk load, zero non-2xx answers and zero socket
+/// errors; one unbroken audit chain.
+#[test]
+fn three_upgrades_under_load_lose_no_request() {
+    if !require_tool("three_upgrades_under_load_lose_no_request", "wrk") {
+        return;
+    }
+    let backend = EchoBackend::start();
+    let port = free_port();
+    let r = Rampart::start_copied("upgrade-load", &config(port, backend.port, 2), &[]);
+    let first = r.supervisor_pid().unwrap();
+    let wrk = std::process::Command::new("wrk")
+        .args(["-t2", "-c100", "-d20s", "-H", "Host: app.example"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let began = Instant::now();
+    let mut supervisors = vec![first];
+    for at in [4, 9, 14] {
+        while began.elapsed() < Duration::from_secs(at) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = r.ctl(&["upgrade"]);
+        assert!(out.contains("serves, this generation drains"), "{out}");
+        supervisors.push(r.supervisor_pid().unwrap());
+    }
+    let out = wrk.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let requests: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in ")
+                .map(|(n, _)| n.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    assert!(requests > 1000, "only {requests} requests:\n{text}");
+    assert!(
+        !text.contains("Non-2xx"),
+        "answers other than 2xx during the upgrades:\n{text}"
+    );
+    assert!(
+        !text.contains("Socket errors"),
+        "socket errors during the upgrades:\n{text}"
+    );
+    supervisors.dedup();
+    assert_eq!(supervisors.len(), 4, "three new supervisors: {supervisors:?}");
+    // The old generations drained while wrk ran (their keep-alive connections closed after a
+    // response, wrk reconnected to the new ones) and are gone.
+    for old in &supervisors[..3] {
+        let gone = !Path::new(&format!("/proc/{old}")).exists()
+            || std::fs::read_to_string(format!("/proc/{old}/stat")).is_ok_and(|s| s.contains(") Z "));
+        assert!(
+            gone,
+            "supervisor {old} of an older generation still runs: its workers did not drain"
+        );
+    }
+    let recs = completed_upgrades(&r);
+    assert_eq!(recs.len(), 3);
+    assert!(recs.iter().all(|x| x["outcome"]["status"] == "ok"), "{recs:?}");
+    r.assert_audit_verifies();
+}
+
+/// Item 6: sd_notify, played by a test socket: READY=1 once the workers are verified,
+/// RELOADING=1 with MONOTONIC_USEC around an upgrade, then MAINPID= of the new supervisor and
+/// READY=1, and STOPPING=1.
+#[test]
+fn the_service_manager_is_told_each_step() {
+    use std::os::unix::net::UnixDatagram;
+    let backend = EchoBackend::start();
+    let port = free_port();
+    let dir = rampart_tests::TempDir::new("upgrade-notify");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = Rampart::start_copied(
+        "upgrade-notify-r",
+        &config(port, backend.port, 1),
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 4096];
+    let mut next = || {
+        let n = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(ready.starts_with("READY=1"), "{ready}");
+    r.ctl(&["upgrade"]);
+    let reloading = next();
+    assert!(
+        reloading.contains("RELOADING=1") && reloading.contains("MONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let main = next();
+    let new_pid = r.supervisor_pid().unwrap();
+    assert!(
+        main.contains(&format!("MAINPID={new_pid}")) && main.contains("READY=1"),
+        "{main}"
+    );
+    // The old generation stops (its own STOPPING=1), then the new one when asked.
+    let old_stopping = next();
+    assert!(old_stopping.contains("STOPPING=1"), "{old_stopping}");
+    r.ctl(&["shutdown"]);
+    let stopping = next();
+    assert!(stopping.contains("STOPPING=1"), "{stopping}");
+}
+
+/// Item 6: the unit file passes `systemd-analyze verify` (with the binary path of this build).
+#[test]
+fn the_unit_file_verifies() {
+    if !require_tool("the_unit_file_verifies", "systemd-analyze") {
+        return;
+    }
+    let unit = std::fs::read_to_string(rampart_tests::workspace().join("dist/rampart.service")).unwrap();
+    assert!(
+        unit.contains("Type=notify") && unit.contains("ExecReload=/usr/sbin/rampart"),
+        "{unit}"
+    );
+    let dir = rampart_tests::TempDir::new("unit");
+    let path = dir.path().join("rampart.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/sbin/rampart", &rampart_tests::rampart_bin().display().to_string()),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && !text.contains("rampart.service:"), "{text}");
+}
