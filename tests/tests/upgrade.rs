@@ -67,7 +67,8 @@ fn completed_upgrades(r: &Rampart) -> Vec<Value> {
 /// failed requests, and the client and the trail say why.
 #[test]
 fn a_failed_upgrade_leaves_the_old_generation_serving() {
-    let cases: [(&str, &[(&str, &str)], &str); 4] = [
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 4] = [
         ("missing", &[], "cannot be read"),
         ("exits", &[], "the handover to the new binary failed"),
         (
