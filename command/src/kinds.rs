@@ -129,7 +129,7 @@ pub fn kind_info(kind: &Kind) -> &'static KindInfo {
         Kind::SoftStop(_) => &const { control("soft_stop", Admin) },
         Kind::HardStop(_) => &const { control("hard_stop", Admin) },
         Kind::UpgradeMain(_) => &const { control("upgrade_main", Admin) },
-        Kind::UpgradeWorker(_) => &const { row("upgrade_worker", false, true, Admin, Handler::NotAvailable) },
+        Kind::UpgradeWorker(_) => &const { control("upgrade_worker", Admin) },
         Kind::SetHealthCheck(_) => &const { row("set_health_check", false, true, Operator, Handler::NotAvailable) },
         Kind::RemoveHealthCheck(_) => {
             &const { row("remove_health_check", false, true, Operator, Handler::NotAvailable) }

@@ -266,3 +266,41 @@ fn the_unit_file_verifies() {
     );
     assert!(out.status.success() && !text.contains("rampart.service:"), "{text}");
 }
+
+/// Item 4: `rampart upgrade --worker N` replaces one worker in place: a new one in its slot, the
+/// old one drains and exits, no request fails.
+#[test]
+fn one_worker_is_replaced_in_place() {
+    let backend = EchoBackend::start();
+    let port = free_port();
+    let r = Rampart::start("upgrade-worker", &config(port, backend.port, 2));
+    let slot_pid = |id: u64| -> Option<i64> {
+        let v: Value = serde_json::from_str(&r.ctl(&["workers", "--json"])).unwrap();
+        v["content"]["workers"]["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["id"] == id && w["run_state"] == "running")
+            .and_then(|w| w["pid"].as_i64())
+    };
+    let old = slot_pid(1).unwrap();
+    let other = slot_pid(0).unwrap();
+    let (stop, load) = traffic(port);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = r.ctl(&["upgrade", "--worker", "1"]);
+    assert!(out.contains(&format!("worker 1 (pid {old}) replaced")), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while slot_pid(1).is_none_or(|p| p == old) || Path::new(&format!("/proc/{old}")).exists() {
+        assert!(Instant::now() < deadline, "worker 1 was not replaced, or the old one did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(slot_pid(0), Some(other), "worker 0 was left alone");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(ok > 10);
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    let err = r.try_ctl(&["upgrade", "--worker", "7"]).unwrap_err();
+    assert!(err.contains("there is no worker 7"), "{err}");
+    r.assert_audit_verifies();
+}

@@ -218,6 +218,7 @@ impl Supervisor {
                     .map(|n| format!("saved {n} request(s) to {}", path.display())),
                 Err(e) => Err(e.to_string()),
             },
+            Some(Kind::UpgradeWorker(w)) => self.upgrade_worker(w.id),
             Some(Kind::SoftStop(_)) => Ok(self.begin_stop(false)),
             Some(Kind::HardStop(_)) => Ok(self.begin_stop(true)),
             Some(Kind::ReloadPolicy(_)) => self.audit.reload_policy().map_err(|e| e.to_string()),

@@ -433,6 +433,29 @@ impl Supervisor {
         self.notifier.send("READY=1\nSTATUS=upgrade failed; serving");
     }
 
+    /// `upgrade --worker N`: a new worker takes slot N (the same listening sockets, the state),
+    /// the old one stops accepting and drains.
+    pub(super) fn upgrade_worker(&mut self, id: u32) -> Result<String, String> {
+        let Some(slot) = self.workers.get(id as usize) else {
+            return Err(format!(
+                "there is no worker {id}: slots are 0 to {}",
+                self.workers.len().saturating_sub(1)
+            ));
+        };
+        if slot.keyring {
+            return Err(format!(
+                "slot {id} is the keyring: `rampart upgrade` replaces it with the supervisor, without a handshake failing"
+            ));
+        }
+        let Some(pid) = slot.pid.filter(|_| slot.run_state == RunState::Running) else {
+            return Err(format!("worker {id} is not running ({})", slot.run_state.name()));
+        };
+        self.replace_process(id, "replaced on request (rampart upgrade --worker)");
+        Ok(format!(
+            "worker {id} (pid {pid}) replaced: a new worker takes its slot and its sockets, the old one drains"
+        ))
+    }
+
     /// New side: every worker and the keyring passed their jail check. Records the upgrade,
     /// tells the old supervisor, and only then hands out the listening sockets.
     pub(super) fn confirm_handover(&mut self) {
