@@ -243,6 +243,10 @@ pub struct SandboxConfig {
     /// fixed when a worker starts, so a backend on a port outside this list and the file's
     /// backends is refused until the workers restart with a configuration that names it.
     pub backend_ports: Vec<u16>,
+    /// With `true`, `backend_ports` (with the file's backends) is a closed list: a backend added
+    /// at runtime on another port is refused. With `false` (the default), the workers are
+    /// replaced one by one with jails that allow the new port, then the change is applied.
+    pub closed_backend_ports: bool,
     pub seccomp_action: SeccompAction,
 }
 

@@ -41,6 +41,7 @@ fn setup(name: &str, workers: u16) -> Option<Setup> {
 buffer_size = 16384
 [sandbox]
 backend_ports = [{refused}]
+closed_backend_ports = true
 
 [[listeners]]
 address = "127.0.0.1:{port}"

@@ -153,6 +153,16 @@ fn three_upgrades_under_load_lose_no_request() {
         assert!(out.contains("serves, this generation drains"), "{out}");
         supervisors.push(r.supervisor_pid().unwrap());
     }
+    // While wrk still runs, the old generations have drained (their keep-alive connections
+    // closed after a response; wrk reconnected to the new workers) and are gone.
+    while began.elapsed() < Duration::from_secs(18) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for old in &supervisors[..3] {
+        let gone = !Path::new(&format!("/proc/{old}")).exists()
+            || std::fs::read_to_string(format!("/proc/{old}/stat")).is_ok_and(|s| s.contains(") Z "));
+        assert!(gone, "supervisor {old} of an older generation still runs: its workers did not drain");
+    }
     let out = wrk.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}");
@@ -176,16 +186,6 @@ fn three_upgrades_under_load_lose_no_request() {
     );
     supervisors.dedup();
     assert_eq!(supervisors.len(), 4, "three new supervisors: {supervisors:?}");
-    // The old generations drained while wrk ran (their keep-alive connections closed after a
-    // response, wrk reconnected to the new ones) and are gone.
-    for old in &supervisors[..3] {
-        let gone = !Path::new(&format!("/proc/{old}")).exists()
-            || std::fs::read_to_string(format!("/proc/{old}/stat")).is_ok_and(|s| s.contains(") Z "));
-        assert!(
-            gone,
-            "supervisor {old} of an older generation still runs: its workers did not drain"
-        );
-    }
     let recs = completed_upgrades(&r);
     assert_eq!(recs.len(), 3);
     assert!(recs.iter().all(|x| x["outcome"]["status"] == "ok"), "{recs:?}");
@@ -291,7 +291,10 @@ fn one_worker_is_replaced_in_place() {
     assert!(out.contains(&format!("worker 1 (pid {old}) replaced")), "{out}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while slot_pid(1).is_none_or(|p| p == old) || Path::new(&format!("/proc/{old}")).exists() {
-        assert!(Instant::now() < deadline, "worker 1 was not replaced, or the old one did not exit");
+        assert!(
+            Instant::now() < deadline,
+            "worker 1 was not replaced, or the old one did not exit"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(slot_pid(0), Some(other), "worker 0 was left alone");
@@ -302,5 +305,62 @@ fn one_worker_is_replaced_in_place() {
     assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
     let err = r.try_ctl(&["upgrade", "--worker", "7"]).unwrap_err();
     assert!(err.contains("there is no worker 7"), "{err}");
+    r.assert_audit_verifies();
+}
+
+/// Item 5: a backend added at runtime on a port the workers' landlock rules do not allow: the
+/// workers are replaced one by one with jails that allow it, then the change is applied; under
+/// traffic, no request fails, and `rampart workers` shows the wider jails.
+#[test]
+fn a_backend_on_a_new_port_rejails_the_workers() {
+    let backend = EchoBackend::start();
+    let late = EchoBackend::start();
+    let port = free_port();
+    let r = Rampart::start("upgrade-rejail", &config(port, backend.port, 2));
+    let (stop, load) = traffic(port);
+    std::thread::sleep(Duration::from_millis(300));
+    let began = Instant::now();
+    r.ctl(&["cluster", "add", "late"]);
+    let out = r.ctl(&[
+        "backend",
+        "add",
+        "--cluster",
+        "late",
+        "--address",
+        &format!("127.0.0.1:{}", late.port),
+    ]);
+    assert!(out.contains("added"), "{out}");
+    r.ctl(&[
+        "frontend",
+        "http",
+        "add",
+        "--address",
+        &format!("127.0.0.1:{port}"),
+        "--hostname",
+        "late.example",
+        "--cluster",
+        "late",
+    ]);
+    let reply = raw_exchange(
+        port,
+        b"GET / HTTP/1.1\r\nHost: late.example\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains(&format!("\"port\":{}", late.port)), "{reply}");
+    eprintln!("backend on a new port served {:?} after it was added", began.elapsed());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(ok > 10);
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    let v: Value = serde_json::from_str(&r.ctl(&["workers", "--json"])).unwrap();
+    for w in v["content"]["workers"]["workers"].as_array().unwrap() {
+        if w["role"] == "worker" {
+            let ports = w["jail"]["connect_ports"].as_array().unwrap();
+            assert!(ports.iter().any(|p| p == late.port), "{w}");
+        }
+    }
+    assert!(r.audit_records().iter().any(|x| x["action"] == "workers_rejailed"));
     r.assert_audit_verifies();
 }

@@ -280,6 +280,7 @@ pub fn jail_report(report: &rampart_sandbox::JailReport) -> proto::JailReport {
         seccomp_mode: report.seccomp_mode.clone(),
         seccomp_rules: u32::try_from(report.seccomp_rules).unwrap_or(u32::MAX),
         notes: report.notes.clone(),
+        ..Default::default()
     }
 }
 
@@ -335,8 +336,15 @@ pub(crate) fn enter_jail(
     };
     let Some(poll) = poll else { return Err(3) };
     report.notes.extend(notes);
+    let mut jail = jail_report(&report);
+    match &profile.landlock.tcp_connect {
+        rampart_policy::profile::ConnectRule::Ports(ports) => {
+            jail.connect_ports = ports.iter().map(|p| u32::from(*p)).collect()
+        }
+        rampart_policy::profile::ConnectRule::AnyPort => jail.connect_any_port = true,
+    }
     let message = WorkerToSupervisor {
-        kind: Some(to_supervisor::Kind::JailReport(jail_report(&report))),
+        kind: Some(to_supervisor::Kind::JailReport(jail)),
     };
     if channel.send(&message, &[]).is_err() {
         return Err(4);

@@ -120,11 +120,22 @@ pub(super) fn render_status(s: &proto::StatusReport) -> String {
 }
 
 pub(super) fn render_workers(list: &proto::WorkerList) -> String {
-    let mut table = Table::new(&["ID", "PID", "STATE", "UID", "LANDLOCK", "SECCOMP"]);
+    let mut table = Table::new(&["ID", "PID", "STATE", "UID", "LANDLOCK", "SECCOMP", "CONNECT"]);
     for w in &list.workers {
-        let (uid, landlock, seccomp) = match &w.jail {
-            Some(j) => (j.uid.to_string(), or_dash(&j.landlock_status), or_dash(&j.seccomp_mode)),
-            None => ("-".to_string(), "-".to_string(), "-".to_string()),
+        let (uid, landlock, seccomp, connect) = match &w.jail {
+            Some(j) => (
+                j.uid.to_string(),
+                or_dash(&j.landlock_status),
+                or_dash(&j.seccomp_mode),
+                if j.connect_any_port {
+                    "any port".to_string()
+                } else if j.connect_ports.is_empty() {
+                    "-".to_string()
+                } else {
+                    j.connect_ports.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                },
+            ),
+            None => ("-".to_string(), "-".to_string(), "-".to_string(), "-".to_string()),
         };
         table.push(vec![
             w.id.to_string(),
@@ -133,6 +144,7 @@ pub(super) fn render_workers(list: &proto::WorkerList) -> String {
             uid,
             landlock,
             seccomp,
+            connect,
         ]);
     }
     table.render_or("no workers")

@@ -218,13 +218,28 @@ impl Supervisor {
         {
             let mut ports = Vec::new();
             Self::backend_ports(&request, &mut ports);
+            let missing: BTreeSet<u16> = ports.iter().map(|(_, p)| *p).filter(|p| !allowed.contains(p)).collect();
             if let Some((address, port)) = ports.iter().find(|(_, p)| !allowed.contains(p)) {
-                let message = format!(
-                    "backend {address}: workers may not connect to port {port} (their landlock rules allow {}); add it to sandbox.backend_ports and restart, or set sandbox.connect_any_port",
-                    allowed.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
-                );
-                self.audit.denied(&peer, &request, "backend_port", &message);
-                self.respond(key, &id, false, message, None);
+                let allowed_text = allowed.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+                let refusal = if self.config.sandbox.closed_backend_ports {
+                    Some(format!(
+                        "backend {address}: workers may not connect to port {port} (their landlock rules allow {allowed_text}, a closed list: sandbox.closed_backend_ports); add it to sandbox.backend_ports and restart, or set sandbox.connect_any_port"
+                    ))
+                } else if self.rejail.is_some() {
+                    Some(format!(
+                        "backend {address}: the workers are being re-jailed for another backend port; retry in a moment"
+                    ))
+                } else {
+                    None
+                };
+                if let Some(message) = refusal {
+                    self.audit.denied(&peer, &request, "backend_port", &message);
+                    self.respond(key, &id, false, message, None);
+                    return;
+                }
+                // The workers are replaced, one by one, with jails that allow the new ports;
+                // the change is applied once all of them run (rejail.rs).
+                self.begin_rejail(key, peer, request, content, missing);
                 return;
             }
         }

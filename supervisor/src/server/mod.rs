@@ -12,6 +12,7 @@ mod dispatch;
 mod fanout;
 mod keys;
 mod query;
+mod rejail;
 mod resources;
 mod start;
 mod upgrade;
@@ -287,6 +288,8 @@ pub struct Supervisor {
     notifier: crate::notify::Notifier,
     /// `READY=1` was sent.
     ready_notified: bool,
+    /// Workers being replaced with wider landlock rules for a backend change that waits.
+    rejail: Option<rejail::Rejail>,
 }
 
 /// How long a session ticket key is used before a new one replaces it.
@@ -399,6 +402,7 @@ impl Supervisor {
             }
         }
         self.expire_pending(now);
+        self.watch_rejail(now);
         if let Some(deadline) = self.stop_deadline {
             // A generation that handed over keeps its keyring until its workers are gone: their
             // handshakes under way still need it.

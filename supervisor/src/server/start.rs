@@ -371,6 +371,7 @@ impl Supervisor {
             exit_code: None,
             notifier: crate::notify::Notifier::from_environment(),
             ready_notified: false,
+            rejail: None,
         })
     }
 

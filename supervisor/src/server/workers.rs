@@ -438,6 +438,7 @@ impl Supervisor {
     /// Once every slot runs: the service manager learns it (the first time), and an upgrade
     /// under way is confirmed.
     fn all_verified(&mut self) {
+        self.rejail_next();
         if !self.workers.iter().all(|w| w.run_state == RunState::Running) {
             return;
         }
