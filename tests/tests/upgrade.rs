@@ -161,7 +161,10 @@ fn three_upgrades_under_load_lose_no_request() {
     for old in &supervisors[..3] {
         let gone = !Path::new(&format!("/proc/{old}")).exists()
             || std::fs::read_to_string(format!("/proc/{old}/stat")).is_ok_and(|s| s.contains(") Z "));
-        assert!(gone, "supervisor {old} of an older generation still runs: its workers did not drain");
+        assert!(
+            gone,
+            "supervisor {old} of an older generation still runs: its workers did not drain"
+        );
     }
     let out = wrk.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -362,5 +365,121 @@ fn a_backend_on_a_new_port_rejails_the_workers() {
         }
     }
     assert!(r.audit_records().iter().any(|x| x["action"] == "workers_rejailed"));
+    r.assert_audit_verifies();
+}
+
+/// A TCP echo server on a free port.
+fn tcp_echo() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut s = stream;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Item 2: a WebSocket-style tunnel (after a 101) and a TCP-proxied connection opened before an
+/// upgrade keep exchanging data after it, and a 200 MB download by a slow client started before
+/// it completes byte for byte.
+#[test]
+fn tunnels_and_a_slow_download_outlive_an_upgrade() {
+    use std::io::{Read, Write};
+    if !require_tool("tunnels_and_a_slow_download_outlive_an_upgrade", "curl") {
+        return;
+    }
+    let Some(nginx) = rampart_tests::Nginx::start("upgrade-download", "location /files/ { alias WWW/; }") else {
+        return;
+    };
+    let www = nginx.dir.path().join("www");
+    let conf = std::fs::read_to_string(nginx.dir.path().join("nginx.conf")).unwrap();
+    std::fs::write(
+        nginx.dir.path().join("nginx.conf"),
+        conf.replace("WWW/", &format!("{}/", www.display())),
+    )
+    .unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &nginx.child.id().to_string()])
+        .status();
+    std::thread::sleep(Duration::from_millis(300));
+    const SIZE: u64 = 200 * 1024 * 1024;
+    std::fs::File::create(www.join("big")).unwrap().set_len(SIZE).unwrap();
+    let echo = EchoBackend::start();
+    let tcp_backend = tcp_echo();
+    let (port, tcp_port) = (free_port(), free_port());
+    let config = format!(
+        "{}[sandbox]\nbackend_ports = [{}, {}, {}]\n\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n\n[[listeners]]\naddress = \"127.0.0.1:{tcp_port}\"\nprotocol = \"tcp\"\n\n\
+         [clusters.app]\nbackends = [ {{ address = \"127.0.0.1:{}\" }} ]\nfrontends = [ {{ address = \"127.0.0.1:{port}\", hostname = \"app.example\" }} ]\n\n\
+         [clusters.files]\nbackends = [ {{ address = \"127.0.0.1:{}\" }} ]\nfrontends = [ {{ address = \"127.0.0.1:{port}\", hostname = \"files.example\" }} ]\n\n\
+         [clusters.tcp]\nbackends = [ {{ address = \"127.0.0.1:{tcp_backend}\" }} ]\nfrontends = [ {{ address = \"127.0.0.1:{tcp_port}\" }} ]\n",
+        config_head(Path::new("{dir}"), 2),
+        echo.port,
+        nginx.port,
+        tcp_backend,
+        echo.port,
+        nginx.port,
+    );
+    let r = Rampart::start_copied("upgrade-tunnels", &config, &[]);
+    // The tunnel after a 101: the backend echoes upper-cased.
+    let mut ws = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    ws.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    ws.write_all(b"GET /upgrade HTTP/1.1\r\nHost: app.example\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 256];
+    let n = ws.read(&mut head).unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 101"));
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", tcp_port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let exchange = |s: &mut std::net::TcpStream, send: &[u8], expect: &[u8]| {
+        s.write_all(send).unwrap();
+        let mut got = vec![0u8; expect.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, expect);
+    };
+    exchange(&mut ws, b"before", b"BEFORE");
+    exchange(&mut tcp, b"before", b"before");
+    // A slow client: 200 MB at 25 MB/s, about 8 s, started before the upgrade.
+    let download = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--limit-rate",
+            "25M",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+        ])
+        .args(["-H", "Host: files.example"])
+        .arg(format!("http://127.0.0.1:{port}/files/big"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let out = r.ctl(&["upgrade"]);
+    assert!(out.contains("serves, this generation drains"), "{out}");
+    exchange(&mut ws, b"after", b"AFTER");
+    exchange(&mut tcp, b"after", b"after");
+    std::thread::sleep(Duration::from_millis(500));
+    exchange(&mut ws, b"still", b"STILL");
+    exchange(&mut tcp, b"still", b"still");
+    let out = download.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("200 {SIZE}"));
+    // New connections go to the new generation.
+    let reply = raw_exchange(
+        port,
+        b"GET / HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     r.assert_audit_verifies();
 }
