@@ -125,20 +125,74 @@ fn a_failed_upgrade_leaves_the_old_generation_serving() {
     }
 }
 
-/// Items 1 and 2: three upgrades in a row under wrk load, zero non-2xx answers and zero socket
-/// errors; one unbroken audit chain.
+/// Items 1 and 2: three upgrades in a row under wrk load, over HTTP and over HTTPS: zero non-2xx
+/// answers and zero socket errors; the old generations drain while wrk runs; one unbroken audit
+/// chain.
 #[test]
 fn three_upgrades_under_load_lose_no_request() {
     if !require_tool("three_upgrades_under_load_lose_no_request", "wrk") {
         return;
     }
+    upgrades_under_load(false);
+}
+
+#[test]
+fn three_upgrades_under_https_load_lose_no_request() {
+    if !require_tool("three_upgrades_under_https_load_lose_no_request", "wrk")
+        || !require_tool("three_upgrades_under_https_load_lose_no_request", "openssl")
+    {
+        return;
+    }
+    upgrades_under_load(true);
+}
+
+fn upgrades_under_load(tls: bool) {
     let backend = EchoBackend::start();
     let port = free_port();
-    let r = Rampart::start_copied("upgrade-load", &config(port, backend.port, 2), &[]);
+    let certs = rampart_tests::TempDir::new("upgrade-certs");
+    let mut text = config(port, backend.port, 2);
+    if tls {
+        let (crt, key) = (certs.path().join("app.crt"), certs.path().join("app.key"));
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt)
+            .args(["-subj", "/CN=app.example", "-addext", "subjectAltName=DNS:app.example"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        text = text
+            .replace(
+                &format!("address = \"127.0.0.1:{port}\"\n\n"),
+                &format!("address = \"127.0.0.1:{port}\"\nprotocol = \"https\"\n\n"),
+            )
+            .replace(
+                "hostname = \"app.example\" }",
+                &format!(
+                    "hostname = \"app.example\", certificate = \"{}\", key = \"{}\" }}",
+                    crt.display(),
+                    key.display()
+                ),
+            );
+    }
+    let r = Rampart::start_copied(if tls { "upgrade-load-tls" } else { "upgrade-load" }, &text, &[]);
     let first = r.supervisor_pid().unwrap();
+    let scheme = if tls { "https" } else { "http" };
     let wrk = std::process::Command::new("wrk")
         .args(["-t2", "-c100", "-d20s", "-H", "Host: app.example"])
-        .arg(format!("http://127.0.0.1:{port}/"))
+        .arg(format!("{scheme}://127.0.0.1:{port}/"))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

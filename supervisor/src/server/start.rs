@@ -248,7 +248,13 @@ impl Supervisor {
         let started = (|| -> Result<(Supervisor, proto::HandoverBegin), StartError> {
             let mut handover = upgrade::receive(&channel).map_err(StartError::Handover)?;
             let (mut state, origin) = handed_over_state(&config, &mut handover)?;
-            let mut vault = keep_keys(&config, &mut state)?;
+            // The keys were checked by the old supervisor when they arrived; under key isolation
+            // they come apart from their certificates, into this one's memory files.
+            let mut vault = if config.key_isolation {
+                BTreeMap::new()
+            } else {
+                keep_keys(&config, &mut state)?
+            };
             for (fingerprint, mut key) in std::mem::take(&mut handover.keys) {
                 if config.key_isolation {
                     let file = KeyFile::create(&mut key).map_err(|e| {
