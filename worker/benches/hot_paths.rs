@@ -7,7 +7,7 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use rampart_command::proto::{self, request::Kind};
 use rampart_command::state::State;
-use rampart_worker::http::RequestPath;
+use rampart_worker::h1::RequestPath;
 use rampart_worker::router::Router;
 
 const LISTENER: &str = "127.0.0.1:8080";

@@ -82,6 +82,15 @@ impl Checkout {
         }
     }
 
+    /// Moves the buffer into a new checkout (the pipe that follows a 101 takes over an HTTP
+    /// session's buffers); this one is left released.
+    pub fn take(&mut self) -> Checkout {
+        Checkout {
+            buf: std::mem::take(&mut self.buf),
+            pool: self.pool.clone(),
+        }
+    }
+
     /// Takes a buffer again after [`release`](Checkout::release). False when the pool is at its cap.
     pub fn reacquire(&mut self) -> bool {
         if self.is_held() {

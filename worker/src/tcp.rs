@@ -1,153 +1,95 @@
-//! A TCP listener's connection: bytes copied both ways between the client and one backend.
+//! A TCP listener's connection: the one byte pipe between the client and one backend of the
+//! listener's cluster.
 
-use std::io::{self, Read, Write};
+use std::rc::Rc;
 use std::time::Instant;
 
+use mio::Token;
 use mio::net::TcpStream;
-use mio::{Interest, Token};
 
-use crate::http::{Context, Status};
+use crate::ListenerInfo;
+use crate::backend::{self, BackendConn};
+use crate::event_loop::{Context, Status};
+use crate::pipe::{Flow, Pipe};
 use crate::pool::Checkout;
-
-struct Pipe {
-    buf: Checkout,
-    start: usize,
-    end: usize,
-}
-
-impl Pipe {
-    fn fill(&mut self, from: &mut TcpStream) -> io::Result<usize> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-        let space = kawa::AsBuffer::as_mut_buffer(&mut self.buf)
-            .get_mut(self.end..)
-            .unwrap_or_default();
-        if space.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let n = from.read(space)?;
-        self.end += n;
-        Ok(n)
-    }
-
-    fn drain(&mut self, to: &mut TcpStream) -> io::Result<usize> {
-        let data = kawa::AsBuffer::as_buffer(&self.buf)
-            .get(self.start..self.end)
-            .unwrap_or_default();
-        if data.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let n = to.write(data)?;
-        self.start += n;
-        Ok(n)
-    }
-}
+use crate::record::{Carrier, Failure, RequestRecord};
 
 pub struct TcpSession {
-    pub front: TcpStream,
-    back: Option<TcpStream>,
-    cluster: String,
-    backend_id: String,
-    up: Pipe,
-    down: Pipe,
-    front_done: bool,
-    back_done: bool,
+    front: TcpStream,
+    front_token: Token,
+    back: Option<BackendConn>,
+    listener: Rc<ListenerInfo>,
+    pipe: Pipe,
+    began: Instant,
+    failed: bool,
     pub deadline: Instant,
 }
 
 impl TcpSession {
     /// Connects to a backend of `cluster` and returns the session, or None when no backend is
     /// available (the client connection is then closed).
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         front: TcpStream,
+        front_token: Token,
+        key: usize,
+        listener: Rc<ListenerInfo>,
         cluster: &str,
-        back_token: Token,
         up: Checkout,
         down: Checkout,
         ctx: &mut Context<'_>,
     ) -> Option<TcpSession> {
-        let balancer = ctx.balancers.clusters.get_mut(cluster)?;
-        let slot = balancer.pick(ctx.rng, ctx.now, None, &[])?;
-        let (address, backend_id) = (slot.address, slot.id.clone());
-        let mut back = TcpStream::connect(address).ok()?;
-        ctx.registry
-            .register(&mut back, back_token, Interest::READABLE | Interest::WRITABLE)
-            .ok()?;
-        ctx.balancers.connection_opened(cluster, &backend_id);
+        let mut tried = Vec::new();
+        let back = backend::connect(ctx, key, cluster, None, &mut tried).ok()?;
+        let deadline = ctx.now + listener.timeouts.client_idle.unwrap_or(ctx.timeouts.client_idle);
         Some(TcpSession {
             front,
+            front_token,
             back: Some(back),
-            cluster: cluster.to_string(),
-            backend_id,
-            up: Pipe {
-                buf: up,
-                start: 0,
-                end: 0,
-            },
-            down: Pipe {
-                buf: down,
-                start: 0,
-                end: 0,
-            },
-            front_done: false,
-            back_done: false,
-            deadline: ctx.now + ctx.timeouts.client_idle,
+            listener,
+            pipe: Pipe::new(up, down),
+            began: ctx.now,
+            failed: false,
+            deadline,
         })
     }
 
-    pub fn close(&mut self, ctx: &mut Context<'_>) {
-        if let Some(mut back) = self.back.take() {
-            let _ = ctx.registry.deregister(&mut back);
-            ctx.balancers.connection_closed(&self.cluster, &self.backend_id);
+    /// Closes both sockets and writes the connection's record (`failure` when the worker cut it).
+    pub fn close(&mut self, ctx: &mut Context<'_>, failure: Option<Failure>) {
+        let record = RequestRecord {
+            carrier: Carrier::Tcp,
+            listener: &self.listener.address,
+            cluster: self.back.as_ref().map(|b| b.cluster.as_str()),
+            backend: self.back.as_ref().map(|b| b.backend_id.as_str()),
+            status: 0,
+            began: self.began,
+            finished: ctx.now,
+            bytes_in: self.pipe.bytes_in,
+            bytes_out: self.pipe.bytes_out,
+            failure: failure.or(self.failed.then_some(Failure::SocketError)),
+        };
+        ctx.records.finish(&record);
+        if let Some(back) = self.back.take() {
+            back.release(ctx, false);
         }
         let _ = ctx.registry.deregister(&mut self.front);
+        ctx.tokens.release(self.front_token);
     }
 
     pub fn run(&mut self, ctx: &mut Context<'_>) -> Status {
         let Some(back) = &mut self.back else {
             return Status::Close;
         };
-        loop {
-            let mut progress = false;
-            if !self.front_done {
-                match self.up.fill(&mut self.front) {
-                    Ok(0) => {
-                        self.front_done = true;
-                    }
-                    Ok(_) => progress = true,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Status::Close,
+        match self.pipe.run(&mut self.front, &mut back.stream) {
+            Flow::Open { moved } => {
+                if moved {
+                    self.deadline = ctx.now + self.listener.timeouts.client_idle.unwrap_or(ctx.timeouts.client_idle);
                 }
+                Status::Open
             }
-            match self.up.drain(back) {
-                Ok(_) => progress = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return Status::Close,
-            }
-            if self.front_done && self.up.start == self.up.end {
-                let _ = back.shutdown(std::net::Shutdown::Write);
-            }
-            if !self.back_done {
-                match self.down.fill(back) {
-                    Ok(0) => self.back_done = true,
-                    Ok(_) => progress = true,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Status::Close,
-                }
-            }
-            match self.down.drain(&mut self.front) {
-                Ok(_) => progress = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return Status::Close,
-            }
-            if self.back_done && self.down.start == self.down.end {
-                return Status::Close;
-            }
-            if !progress {
-                self.deadline = ctx.now + ctx.timeouts.client_idle;
-                return Status::Open;
+            Flow::Done { failed } => {
+                self.failed = failed;
+                Status::Close
             }
         }
     }
