@@ -52,6 +52,8 @@ pub mod defaults {
     pub const TLS_HANDSHAKE_TIMEOUT: u32 = 10;
     /// How long a soft stop (or SIGTERM) lets in-flight requests finish.
     pub const SHUTDOWN_GRACE: u32 = 30;
+    /// Tunnels of retired workers run for at most ten minutes after an upgrade.
+    pub const UPGRADE_GRACE: u32 = 600;
     /// Weight of a backend when the file names none.
     pub const BACKEND_WEIGHT: u32 = 100;
     /// Lowest TLS version an HTTPS listener accepts.
@@ -215,6 +217,9 @@ pub struct Timeouts {
     pub backend_connect: u32,
     pub backend_response: u32,
     pub shutdown_grace: u32,
+    /// Seconds the workers an upgrade (or a re-jail, or a replacement) retires may keep their
+    /// tunnels (WebSocket, TCP) open before they are closed.
+    pub upgrade_grace: u32,
     /// A TLS handshake not complete after this many seconds ends the connection.
     pub tls_handshake: u32,
 }
@@ -227,6 +232,7 @@ impl Default for Timeouts {
             backend_connect: defaults::BACKEND_CONNECT_TIMEOUT,
             backend_response: defaults::BACKEND_RESPONSE_TIMEOUT,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
+            upgrade_grace: defaults::UPGRADE_GRACE,
             tls_handshake: defaults::TLS_HANDSHAKE_TIMEOUT,
         }
     }
@@ -575,6 +581,16 @@ impl Config {
                 "timeouts.tls_handshake",
                 None,
                 format!("{} is out of range: use 1 to 3600 seconds", self.timeouts.tls_handshake),
+            ));
+        }
+        if !(1..=86400).contains(&self.timeouts.upgrade_grace) {
+            return Err(self.value_error(
+                "timeouts.upgrade_grace",
+                None,
+                format!(
+                    "{} is out of range: use 1 to 86400 seconds",
+                    self.timeouts.upgrade_grace
+                ),
             ));
         }
         if self.worker_user.is_empty() || self.worker_group.is_empty() {
@@ -1172,6 +1188,19 @@ frontends = [
         )
         .unwrap_err();
         assert!(err.to_string().contains("timeouts.tls_handshake"), "{err}");
+        let err = Config::parse(
+            &format!("[timeouts]\nupgrade_grace = 90000\n{text}"),
+            &dir.join("rampart.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("timeouts.upgrade_grace"), "{err}");
+        assert!(err.to_string().contains("1 to 86400"), "{err}");
+        let ok = Config::parse(
+            &format!("[timeouts]\nupgrade_grace = 5\n{text}"),
+            &dir.join("rampart.toml"),
+        )
+        .unwrap();
+        assert_eq!(ok.timeouts.upgrade_grace, 5);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -478,11 +478,15 @@ fn arb_kind(depth: u32) -> BoxedStrategy<Kind> {
         proptest::collection::vec(s(), 0..3)
             .prop_map(|kinds| Kind::SubscribeEvents(proto::EventFilter { kinds }))
             .boxed(),
-        e().prop_map(Kind::SoftStop).boxed(),
-        e().prop_map(Kind::HardStop).boxed(),
-        e().prop_map(Kind::UpgradeMain).boxed(),
         any::<u32>()
-            .prop_map(|id| Kind::UpgradeWorker(proto::WorkerId { id }))
+            .prop_map(|grace_seconds| Kind::SoftStop(proto::SoftStop { grace_seconds }))
+            .boxed(),
+        e().prop_map(Kind::HardStop).boxed(),
+        any::<u32>()
+            .prop_map(|grace_seconds| Kind::UpgradeMain(proto::UpgradeMain { grace_seconds }))
+            .boxed(),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(id, grace_seconds)| Kind::UpgradeWorker(proto::UpgradeWorker { id, grace_seconds }))
             .boxed(),
         (s(), s(), any::<u32>())
             .prop_map(|(cluster_id, path, n)| {

@@ -1172,7 +1172,7 @@ role = "viewer"
         }
         assert!(allowed(&p, 1001, &cluster("shop-2")));
         assert!(!allowed(&p, 1001, &cluster("bank")));
-        assert!(!allowed(&p, 1001, &req(Kind::SoftStop(Empty {}))));
+        assert!(!allowed(&p, 1001, &req(Kind::SoftStop(Default::default()))));
         let backend = |c: &str| {
             req(Kind::AddBackend(proto::Backend {
                 cluster_id: c.into(),
@@ -1267,7 +1267,7 @@ role = "viewer"
             req(Kind::RemoveCluster(ClusterId { cluster_id: "x".into() })),
             req(Kind::AddListener(Default::default())),
             req(Kind::HardStop(Empty {})),
-            req(Kind::UpgradeMain(Empty {})),
+            req(Kind::UpgradeMain(Default::default())),
             req(Kind::ReloadPolicy(Empty {})),
             req(Kind::SubscribeEvents(Default::default())),
             req(Kind::SaveState(StatePath { path: "s.jsonl".into() })),

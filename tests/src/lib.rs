@@ -482,6 +482,7 @@ pub fn raw_exchange(port: u16, bytes: &[u8], timeout: std::time::Duration) -> St
 pub struct EchoBackend {
     pub port: u16,
     requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Method, path, headers and body length of one request.
@@ -554,8 +555,11 @@ impl EchoBackend {
         let port = listener.local_addr().unwrap().port();
         let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = std::sync::Arc::clone(&requests);
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = std::sync::Arc::clone(&connections);
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let counter = std::sync::Arc::clone(&counter);
                 std::thread::spawn(move || {
                     use std::io::Write;
@@ -603,7 +607,16 @@ impl EchoBackend {
                 });
             }
         });
-        EchoBackend { port, requests }
+        EchoBackend {
+            port,
+            requests,
+            connections,
+        }
+    }
+
+    /// How many connections it has accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// How many requests it has received.

@@ -962,3 +962,87 @@ fn own_answers_close_when_the_client_asks() {
     );
     assert_eq!(reply.matches("HTTP/1.1 404").count(), 2, "{reply}");
 }
+
+/// A backend that answers every request with `Connection: close` and closes, counting the
+/// connections it accepted.
+fn closing_backend() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let mut s = stream;
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\nKeep-Alive: timeout=5\r\n\r\nbye",
+            );
+        }
+    });
+    (port, accepted)
+}
+
+/// The client's connection does not depend on the backend's: a backend that closes after each
+/// response leaves the client's keep-alive connection open (its Connection and Keep-Alive
+/// headers are hop by hop and not passed on), and a backend connection that a client leaves
+/// behind serves the next client instead of a new connection.
+#[test]
+fn keep_alive_with_clients_does_not_follow_the_backend() {
+    let (closing, _) = closing_backend();
+    let echo = EchoBackend::start();
+    let port = free_port();
+    let config = format!(
+        "{head}[sandbox]\nbackend_ports = [{closing}, {e}]\n\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n\n\
+         [clusters.closing]\nbackends = [ {{ address = \"127.0.0.1:{closing}\" }} ]\nfrontends = [ {{ address = \"127.0.0.1:{port}\", hostname = \"closing.test\" }} ]\n\n\
+         [clusters.echo]\nbackends = [ {{ address = \"127.0.0.1:{e}\" }} ]\nfrontends = [ {{ address = \"127.0.0.1:{port}\", hostname = \"echo.test\" }} ]\n",
+        head = config_head(std::path::Path::new("{dir}"), 1),
+        e = echo.port,
+    );
+    let _r = Rampart::start("keepalive-front", &config);
+    let reply = raw_exchange(
+        port,
+        b"GET /1 HTTP/1.1\r\nHost: closing.test\r\n\r\nGET /2 HTTP/1.1\r\nHost: closing.test\r\n\r\nGET /3 HTTP/1.1\r\nHost: closing.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert_eq!(reply.matches("HTTP/1.1 200").count(), 3, "{reply}");
+    assert_eq!(reply.matches("\r\n\r\nbye").count(), 3, "{reply}");
+    let heads: Vec<&str> = reply.split("bye").filter(|h| !h.is_empty()).collect();
+    assert!(
+        !heads[0].contains("Connection:"),
+        "the backend's close reached the client: {reply}"
+    );
+    assert!(!heads[0].contains("Keep-Alive:"), "{reply}");
+    assert!(
+        heads[2].contains("Connection: close\r\n"),
+        "the last answer must announce the close: {reply}"
+    );
+    // HTTP/1.0 with keep-alive is told its connection is kept.
+    let reply = raw_exchange(
+        port,
+        b"GET /a HTTP/1.0\r\nHost: closing.test\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\nHost: closing.test\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert_eq!(reply.matches("HTTP/1.1 200").count(), 2, "{reply}");
+    assert!(reply.contains("Connection: keep-alive\r\n"), "{reply}");
+
+    // Ten clients one after the other, each closing after one request: the backend sees one
+    // connection, taken from the idle pool by each new client.
+    for _ in 0..10 {
+        let reply = raw_exchange(
+            port,
+            b"GET / HTTP/1.1\r\nHost: echo.test\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(10),
+        );
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        let body = &reply[reply.find("\r\n\r\n").unwrap() + 4..];
+        assert_eq!(json(body)["headers"]["connection"], serde_json::Value::Null, "{body}");
+    }
+    assert_eq!(echo.requests(), 10);
+    assert_eq!(echo.connections(), 1, "each client opened its own backend connection");
+}

@@ -207,10 +207,19 @@ impl Worker {
             return None;
         }
         match request.kind {
-            Some(RequestKind::SoftStop(_)) => {
+            Some(RequestKind::SoftStop(stop)) => {
                 let open = self.sessions.len();
-                self.begin_drain(self.shutdown_grace, Instant::now());
-                self.reply(order.sequence, true, format!("draining {open} connection(s)"));
+                let grace = if stop.grace_seconds > 0 {
+                    std::time::Duration::from_secs(u64::from(stop.grace_seconds))
+                } else {
+                    self.shutdown_grace
+                };
+                self.begin_drain(grace, Instant::now());
+                self.reply(
+                    order.sequence,
+                    true,
+                    format!("draining {open} connection(s) for at most {} s", grace.as_secs()),
+                );
                 None
             }
             Some(RequestKind::HardStop(_)) => {

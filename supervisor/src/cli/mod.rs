@@ -113,8 +113,11 @@ pub enum ClientCommand {
     /// Stop the supervisor and its workers, letting in-flight requests finish.
     Shutdown {
         /// Stop now, closing in-flight connections.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "grace")]
         hard: bool,
+        /// Seconds tunnels may run on while the workers drain (default: timeouts.shutdown_grace).
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(1..=86400))]
+        grace: Option<u32>,
     },
     /// Hand the supervisor over to the binary now at its path (a package upgrade) without
     /// closing a connection: the new one takes the sockets, state and keys, its workers are
@@ -123,6 +126,10 @@ pub enum ClientCommand {
         /// Replace only this worker (slot id, see `rampart workers`).
         #[arg(long, value_name = "N")]
         worker: Option<u32>,
+        /// Seconds the old workers' tunnels (WebSocket, TCP) may run on before they are closed
+        /// (default: timeouts.upgrade_grace).
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(1..=86400))]
+        grace: Option<u32>,
     },
     /// Set, remove or list active health checks.
     HealthCheck {
@@ -164,10 +171,20 @@ pub(super) fn to_request(command: &ClientCommand) -> Result<Option<Request>, Cli
             StateAction::Dump => Kind::DumpState(proto::Empty {}),
         },
         ClientCommand::Apply { .. } => return Ok(None),
-        ClientCommand::Shutdown { hard: false } => Kind::SoftStop(proto::Empty {}),
-        ClientCommand::Shutdown { hard: true } => Kind::HardStop(proto::Empty {}),
-        ClientCommand::Upgrade { worker: None } => Kind::UpgradeMain(proto::Empty {}),
-        ClientCommand::Upgrade { worker: Some(id) } => Kind::UpgradeWorker(proto::WorkerId { id: *id }),
+        ClientCommand::Shutdown { hard: false, grace } => Kind::SoftStop(proto::SoftStop {
+            grace_seconds: grace.unwrap_or(0),
+        }),
+        ClientCommand::Shutdown { hard: true, .. } => Kind::HardStop(proto::Empty {}),
+        ClientCommand::Upgrade { worker: None, grace } => Kind::UpgradeMain(proto::UpgradeMain {
+            grace_seconds: grace.unwrap_or(0),
+        }),
+        ClientCommand::Upgrade {
+            worker: Some(id),
+            grace,
+        } => Kind::UpgradeWorker(proto::UpgradeWorker {
+            id: *id,
+            grace_seconds: grace.unwrap_or(0),
+        }),
         ClientCommand::HealthCheck { action } => health_check_kind(action),
         ClientCommand::Policy => Kind::ShowPolicy(proto::Empty {}),
         ClientCommand::ReloadPolicy => Kind::ReloadPolicy(proto::Empty {}),

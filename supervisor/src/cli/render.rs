@@ -475,7 +475,10 @@ pub(super) fn describe(request: &Request) -> String {
             Kind::ApplyState(a) => format!("state of {} request(s)", a.target.len()),
             Kind::QueryMetrics(m) => m.cluster_id.clone(),
             Kind::SetLoggingLevel(l) => l.filter.clone(),
+            Kind::UpgradeWorker(w) if w.grace_seconds > 0 => format!("{} grace {} s", w.id, w.grace_seconds),
             Kind::UpgradeWorker(w) => w.id.to_string(),
+            Kind::SoftStop(s) if s.grace_seconds > 0 => format!("grace {} s", s.grace_seconds),
+            Kind::UpgradeMain(u) if u.grace_seconds > 0 => format!("grace {} s", u.grace_seconds),
             Kind::SetHealthCheck(h) => format!(
                 "{} {} every {} ms, timeout {} ms",
                 h.cluster_id, h.path, h.interval_ms, h.timeout_ms

@@ -188,7 +188,21 @@ fn cluster_listener_and_other_requests() {
         kind_of(&["listener", "deactivate", "--address", "0.0.0.0:80"]),
         Kind::DeactivateListener(a) if a.address == "0.0.0.0:80"
     ));
-    assert!(matches!(kind_of(&["shutdown"]), Kind::SoftStop(_)));
+    assert!(matches!(kind_of(&["shutdown"]), Kind::SoftStop(s) if s.grace_seconds == 0));
+    assert!(matches!(kind_of(&["shutdown", "--grace", "5"]), Kind::SoftStop(s) if s.grace_seconds == 5));
+    assert!(matches!(kind_of(&["upgrade", "--grace", "90"]), Kind::UpgradeMain(u) if u.grace_seconds == 90));
+    assert!(matches!(
+        kind_of(&["upgrade", "--worker", "1", "--grace", "7"]),
+        Kind::UpgradeWorker(u) if u.id == 1 && u.grace_seconds == 7
+    ));
+    for bad in [
+        &["shutdown", "--grace", "0"][..],
+        &["upgrade", "--grace", "86401"],
+        &["shutdown", "--hard", "--grace", "5"],
+    ] {
+        let argv = std::iter::once("rampart").chain(bad.iter().copied());
+        assert!(TestCli::try_parse_from(argv).is_err(), "{bad:?} was accepted");
+    }
     assert!(matches!(kind_of(&["shutdown", "--hard"]), Kind::HardStop(_)));
     assert!(matches!(kind_of(&["state", "dump"]), Kind::DumpState(_)));
     assert!(matches!(kind_of(&["state", "save", "today.jsonl"]), Kind::SaveState(p) if p.path == "today.jsonl"));

@@ -7,6 +7,9 @@
 
 use super::*;
 
+/// The longest drain a stop or an upgrade may ask for: a day.
+const MAX_GRACE_SECONDS: u32 = 86_400;
+
 impl Supervisor {
     pub(super) fn handle(&mut self, key: usize, peer: Peer, request: proto::Request) {
         self.handle_request(key, peer, request);
@@ -197,6 +200,25 @@ impl Supervisor {
                 return;
             }
         };
+        let grace_seconds = match &request.kind {
+            Some(Kind::SoftStop(s)) => s.grace_seconds,
+            Some(Kind::UpgradeMain(u)) => u.grace_seconds,
+            Some(Kind::UpgradeWorker(w)) => w.grace_seconds,
+            _ => 0,
+        };
+        if grace_seconds > MAX_GRACE_SECONDS {
+            let message = format!(
+                "grace_seconds {grace_seconds} is out of range: use 1 to {MAX_GRACE_SECONDS} (0 for the default)"
+            );
+            self.audit.completed(
+                &peer,
+                &request,
+                received_seq,
+                Completion::outcome(Outcome::error("invalid_request", &message)),
+            );
+            self.respond(key, &id, false, message, None);
+            return;
+        }
         if matches!(request.kind, Some(Kind::UpgradeMain(_))) {
             // Answered when the new supervisor confirms or fails (upgrade.rs).
             let Err(message) = self.begin_upgrade(key, peer.clone(), request.clone(), received_seq) else {
@@ -218,9 +240,9 @@ impl Supervisor {
                     .map(|n| format!("saved {n} request(s) to {}", path.display())),
                 Err(e) => Err(e.to_string()),
             },
-            Some(Kind::UpgradeWorker(w)) => self.upgrade_worker(w.id),
-            Some(Kind::SoftStop(_)) => Ok(self.begin_stop(false)),
-            Some(Kind::HardStop(_)) => Ok(self.begin_stop(true)),
+            Some(Kind::UpgradeWorker(w)) => self.upgrade_worker(w.id, w.grace_seconds),
+            Some(Kind::SoftStop(s)) => Ok(self.begin_stop(Some(self.shutdown_grace(s.grace_seconds)))),
+            Some(Kind::HardStop(_)) => Ok(self.begin_stop(None)),
             Some(Kind::ReloadPolicy(_)) => self.audit.reload_policy().map_err(|e| e.to_string()),
             Some(Kind::SetLoggingLevel(level)) => self
                 .log

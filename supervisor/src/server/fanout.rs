@@ -139,7 +139,7 @@ impl Supervisor {
                 ),
             };
             if let Some(id) = id {
-                self.replace_process(id, &what);
+                self.replace_process(id, &what, self.upgrade_grace(0));
                 outcome.replaced = true;
                 notes.push(format!(
                     "{what} and was replaced by a new process built from the supervisor's state"

@@ -228,7 +228,8 @@ struct Pending {
 struct Retiring {
     id: u32,
     pid: Pid,
-    _channel: Channel,
+    /// Not watched while it drains; what it said (how its drain ended) is read when it exits.
+    channel: Channel,
     _stderr: Option<std::fs::File>,
     deadline: Instant,
 }
@@ -457,24 +458,43 @@ impl Supervisor {
         self.log.info("TLS session ticket key rotated");
     }
 
-    /// Starts a soft (draining) or hard stop. Returns what the stop does, for the answer or the
-    /// audit record of whoever asked.
-    fn begin_stop(&mut self, hard: bool) -> String {
+    /// The grace period a request asked for (seconds, 0 for the default), else the default:
+    /// `timeouts.shutdown_grace` for a stop, `timeouts.upgrade_grace` for an upgrade.
+    fn shutdown_grace(&self, asked: u32) -> Duration {
+        let seconds = if asked > 0 {
+            asked
+        } else {
+            self.config.timeouts.shutdown_grace
+        };
+        Duration::from_secs(u64::from(seconds))
+    }
+
+    pub(super) fn upgrade_grace(&self, asked: u32) -> Duration {
+        let seconds = if asked > 0 {
+            asked
+        } else {
+            self.config.timeouts.upgrade_grace
+        };
+        Duration::from_secs(u64::from(seconds))
+    }
+
+    /// Starts a soft (draining for `grace`) or hard (`None`) stop. Returns what the stop does,
+    /// for the answer or the audit record of whoever asked.
+    fn begin_stop(&mut self, grace: Option<Duration>) -> String {
         if self.stop_deadline.is_some() {
             return "already stopping".into();
         }
-        let grace = if hard {
-            Duration::from_millis(0)
-        } else {
-            Duration::from_secs(u64::from(self.config.timeouts.shutdown_grace))
-        };
+        let hard = grace.is_none();
+        let grace = grace.unwrap_or_default();
         self.log
             .info(&format!("stopping ({})", if hard { "hard" } else { "soft, draining" }));
         self.stop_deadline = Some(Instant::now() + grace + Duration::from_millis(500));
         let kind = if hard {
             Kind::HardStop(proto::Empty {})
         } else {
-            Kind::SoftStop(proto::Empty {})
+            Kind::SoftStop(proto::SoftStop {
+                grace_seconds: u32::try_from(grace.as_secs()).unwrap_or(u32::MAX),
+            })
         };
         let request = proto::Request {
             id: String::new(),
@@ -516,7 +536,7 @@ impl Supervisor {
                     continue;
                 }
                 // TERM/INT: drain for at most the grace period, then kill; QUIT: the same soft stop.
-                Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => self.begin_stop(false),
+                Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => self.begin_stop(Some(self.shutdown_grace(0))),
                 Signal::SIGHUP => {
                     self.log.reopen();
                     self.log.info("log reopened (SIGHUP)");

@@ -73,7 +73,11 @@ impl Supervisor {
             rejail.current = Some((id, old));
             let ports = rejail.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
             if old.is_some() {
-                self.replace_process(id, &format!("re-jailed to allow backend port(s) {ports}"));
+                self.replace_process(
+                    id,
+                    &format!("re-jailed to allow backend port(s) {ports}"),
+                    self.upgrade_grace(0),
+                );
             } else {
                 // A dead slot is respawned with the new profile anyway.
                 self.spawn(id);

@@ -243,6 +243,10 @@ impl Supervisor {
             old_version: crate::VERSION.to_string(),
             old_binary_sha256: old_sha,
             new_binary_sha256: new_sha,
+            grace_seconds: match &request.kind {
+                Some(Kind::UpgradeMain(u)) => u.grace_seconds,
+                _ => 0,
+            },
         };
         let sent = self.send_handover(&ours, begin);
         let upgrade = OldSide {
@@ -328,12 +332,16 @@ impl Supervisor {
         let received = match upgrade.channel.recv::<proto::HandoverToOld>() {
             Ok(Some(r)) => r,
             Ok(None) => {
-                self.abandon_upgrade("the new supervisor closed the handover without confirming");
+                self.abandon_upgrade(
+                    "the handover to the new binary failed: the new supervisor closed the handover without confirming",
+                );
                 return;
             }
             Err(ChannelError::Receive(nix::Error::EAGAIN)) => return,
             Err(e) => {
-                self.abandon_upgrade(&format!("the new supervisor sent an unreadable answer: {e}"));
+                self.abandon_upgrade(&format!(
+                    "the handover to the new binary failed: the new supervisor sent an unreadable answer: {e}"
+                ));
                 return;
             }
         };
@@ -350,7 +358,9 @@ impl Supervisor {
         if let Some((pid, how)) = exited
             && pid == upgrade.pid
         {
-            self.abandon_upgrade(&format!("the new supervisor {how} before it confirmed"));
+            self.abandon_upgrade(&format!(
+                "the handover to the new binary failed: the new supervisor {how} before it confirmed"
+            ));
             return;
         }
         if Instant::now() >= upgrade.deadline {
@@ -368,9 +378,17 @@ impl Supervisor {
             .poll
             .registry()
             .deregister(&mut SourceFd(&upgrade.channel.as_raw_fd()));
+        let grace_seconds = match &upgrade.request.kind {
+            Some(Kind::UpgradeMain(u)) => u.grace_seconds,
+            _ => 0,
+        };
+        let grace = self.upgrade_grace(grace_seconds);
         let message = format!(
-            "upgraded from {}; pid {} (version {}) serves, this generation drains",
-            upgrade.summary, ready.pid, ready.version
+            "upgraded from {}; pid {} (version {}) serves, this generation drains (tunnels for at most {} s)",
+            upgrade.summary,
+            ready.pid,
+            ready.version,
+            grace.as_secs()
         );
         self.log.info(&message);
         if self.client_serial(upgrade.client) == Some(upgrade.serial) {
@@ -393,7 +411,7 @@ impl Supervisor {
         // The command socket file belongs to the new supervisor now.
         self.command_path = PathBuf::new();
         self.handed_over = true;
-        self.begin_stop(false);
+        self.begin_stop(Some(grace));
     }
 
     /// The upgrade did not happen: the new process goes, this one serves on as before.
@@ -435,7 +453,7 @@ impl Supervisor {
 
     /// `upgrade --worker N`: a new worker takes slot N (the same listening sockets, the state),
     /// the old one stops accepting and drains.
-    pub(super) fn upgrade_worker(&mut self, id: u32) -> Result<String, String> {
+    pub(super) fn upgrade_worker(&mut self, id: u32, grace_seconds: u32) -> Result<String, String> {
         let Some(slot) = self.workers.get(id as usize) else {
             return Err(format!(
                 "there is no worker {id}: slots are 0 to {}",
@@ -450,9 +468,11 @@ impl Supervisor {
         let Some(pid) = slot.pid.filter(|_| slot.run_state == RunState::Running) else {
             return Err(format!("worker {id} is not running ({})", slot.run_state.name()));
         };
-        self.replace_process(id, "replaced on request (rampart upgrade --worker)");
+        let grace = self.upgrade_grace(grace_seconds);
+        self.replace_process(id, "replaced on request (rampart upgrade --worker)", grace);
         Ok(format!(
-            "worker {id} (pid {pid}) replaced: a new worker takes its slot and its sockets, the old one drains"
+            "worker {id} (pid {pid}) replaced: a new worker takes its slot and its sockets, the old one drains (tunnels for at most {} s)",
+            grace.as_secs()
         ))
     }
 
@@ -464,7 +484,9 @@ impl Supervisor {
         let peer = crate::audit::peer(begin.actor_uid, begin.actor_gid, begin.actor_pid);
         let request = proto::Request {
             id: begin.request_id.clone(),
-            kind: Some(Kind::UpgradeMain(proto::Empty {})),
+            kind: Some(Kind::UpgradeMain(proto::UpgradeMain {
+                grace_seconds: begin.grace_seconds,
+            })),
         };
         let message = format!(
             "upgraded from pid {} (version {}, sha256 {}) to pid {} (version {}, sha256 {}); every worker verified",
@@ -482,6 +504,12 @@ impl Supervisor {
             Completion::outcome(Outcome::ok(&message)),
         );
         self.log.info(&message);
+        // systemd hears of the new main pid before the old supervisor does: its STOPPING=1
+        // must not come first.
+        self.notifier.send(&format!(
+            "MAINPID={}\nREADY=1\nSTATUS=serving (upgraded)",
+            std::process::id()
+        ));
         let ready = proto::HandoverToOld {
             kind: Some(proto::handover_to_old::Kind::Ready(proto::HandoverReady {
                 pid: std::process::id() as i32,
@@ -499,10 +527,6 @@ impl Supervisor {
             .registry()
             .register(&mut self.command, COMMAND, Interest::READABLE);
         self.accept_clients();
-        self.notifier.send(&format!(
-            "MAINPID={}\nREADY=1\nSTATUS=serving (upgraded)",
-            std::process::id()
-        ));
     }
 
     /// New side: a process failed its jail check during the handover. Everything this

@@ -133,6 +133,17 @@ impl Supervisor {
     pub(super) fn worker_ended(&mut self, pid: Pid, how: String, clean: bool) {
         if let Some(index) = self.retiring.iter().position(|r| r.pid == pid) {
             let r = self.retiring.swap_remove(index);
+            // Its last words wait in the channel: log lines (the drain's end) are passed on.
+            while let Ok(Some(received)) = r.channel.recv::<WorkerToSupervisor>() {
+                if let Some(worker_to_supervisor::Kind::Log(line)) = received.message.kind {
+                    let text = format!("replaced {} (pid {pid}): {}", line.target, line.message);
+                    match line.level {
+                        rampart_worker::LOG_ERROR => self.log.error(&text),
+                        rampart_worker::LOG_WARN => self.log.warn(&text),
+                        _ => self.log.info(&text),
+                    }
+                }
+            }
             let message = format!("replaced worker {} (pid {pid}) {how}", r.id);
             self.log.info(&message);
             self.audit.system("worker_retired", &message);
@@ -182,7 +193,7 @@ impl Supervisor {
     /// worker takes the slot at once (the same listening sockets, the state from the
     /// supervisor), the old one is told to stop accepting and drain. The keyring has no
     /// connections to drain: it is killed and respawned.
-    pub(super) fn replace_process(&mut self, id: u32, why: &str) {
+    pub(super) fn replace_process(&mut self, id: u32, why: &str, grace: Duration) {
         let Some(slot) = self.workers.get_mut(id as usize) else {
             return;
         };
@@ -211,13 +222,14 @@ impl Supervisor {
                 sequence: 0,
                 request: Some(proto::Request {
                     id: String::new(),
-                    kind: Some(Kind::SoftStop(proto::Empty {})),
+                    kind: Some(Kind::SoftStop(proto::SoftStop {
+                        grace_seconds: u32::try_from(grace.as_secs()).unwrap_or(u32::MAX),
+                    })),
                 }),
                 chunk: Vec::new(),
                 more: false,
             })),
         };
-        let grace = Duration::from_secs(u64::from(self.config.timeouts.shutdown_grace));
         let deadline = match channel.send(&stop, &[]) {
             Ok(()) => Instant::now() + grace + Duration::from_secs(1),
             // Its channel is full: it is too far behind to drain in any useful time.
@@ -226,7 +238,7 @@ impl Supervisor {
         self.retiring.push(Retiring {
             id,
             pid,
-            _channel: channel,
+            channel,
             _stderr: stderr,
             deadline,
         });

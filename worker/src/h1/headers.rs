@@ -100,7 +100,14 @@ impl ParserCallbacks<Checkout> for RequestCallbacks<'_> {
                 if key.eq_ignore_ascii_case(b"connection") {
                     self.facts.close |= has_token(value, b"close");
                     self.facts.keep_alive |= has_token(value, b"keep-alive");
-                    self.facts.upgrade |= has_token(value, b"upgrade");
+                    let upgrade = has_token(value, b"upgrade");
+                    self.facts.upgrade |= upgrade;
+                    // The client's connection options are its own (hop by hop): the backend
+                    // connection stays reusable whatever the client does with its own. An
+                    // upgrade asks the backend itself, and goes through.
+                    elide = !upgrade;
+                } else if key.eq_ignore_ascii_case(b"keep-alive") {
+                    elide = true;
                 } else if key.eq_ignore_ascii_case(b"x-forwarded-for") {
                     forwarded_for = Some(i);
                 } else if key.eq_ignore_ascii_case(b"x-forwarded-proto")
@@ -150,10 +157,16 @@ pub(crate) struct ResponseCallbacks<'a> {
     pub(crate) head: bool,
     pub(crate) request_id: Option<&'a Rc<[u8]>>,
     pub(crate) set_cookie: Option<String>,
-    /// The worker is draining: a final response says `Connection: close` (whatever the
-    /// backend's said), and the connection closes after it.
-    pub(crate) drain: bool,
-    pub(crate) close: bool,
+    /// The client connection closes after this response (the client asked for it, or the
+    /// worker is draining): a final response says `Connection: close` (RFC 9112 §9.6).
+    pub(crate) announce_close: bool,
+    /// An HTTP/1.0 client that asked for keep-alive: told it is kept.
+    pub(crate) http10_keep_alive: bool,
+    /// Out: the backend will close its connection (it said `Connection: close`).
+    pub(crate) backend_close: bool,
+    /// Out: the client connection must close after this response (announced, or a body that
+    /// ends when the backend closes).
+    pub(crate) front_close: bool,
     pub(crate) code: u16,
 }
 
@@ -163,31 +176,42 @@ impl ParserCallbacks<Checkout> for ResponseCallbacks<'_> {
         if let StatusLine::Response { code, .. } = &kawa.detached.status_line {
             self.code = *code;
         }
-        let drain = self.drain && self.code >= 200 && self.code != 101;
+        // The backend's Connection and Keep-Alive headers speak of the backend's connection
+        // (hop by hop, RFC 9110 §7.6.1): a final response carries ours instead. A backend that
+        // closes after this response costs the client nothing: its connection stays open.
+        // (A 101 keeps its Connection: Upgrade; an interim response is passed as it is.)
+        let final_response = self.code >= 200;
         for block in &mut kawa.blocks {
             let Block::Header(pair) = block else { continue };
             let Some((key, value)) = header_value(buf, pair) else {
                 continue;
             };
             if key.eq_ignore_ascii_case(b"connection") {
-                self.close |= has_token(value, b"close");
-                if drain {
+                self.backend_close |= has_token(value, b"close");
+                if final_response {
                     pair.elide();
                 }
+            } else if final_response && key.eq_ignore_ascii_case(b"keep-alive") {
+                pair.elide();
             }
         }
-        if drain {
-            kawa.push_block(header(b"Connection", Store::Static(b"close")));
-            self.close = true;
-        }
-        if self.head && self.code >= 200 {
+        if self.head && final_response {
             // A response to HEAD has headers only, whatever its Content-Length says.
             kawa.body_size = BodySize::Length(0);
             kawa.parsing_phase = ParsingPhase::Terminated;
         }
         if kawa.body_size == BodySize::Empty && !kawa.is_terminated() {
             // Delimited by the backend closing: the client connection cannot be reused.
-            self.close = true;
+            self.backend_close = true;
+            self.front_close = true;
+        }
+        if final_response {
+            self.front_close |= self.announce_close;
+            if self.front_close {
+                kawa.push_block(header(b"Connection", Store::Static(b"close")));
+            } else if self.http10_keep_alive {
+                kawa.push_block(header(b"Connection", Store::Static(b"keep-alive")));
+            }
         }
         if self.code >= 200 || self.code == 101 {
             if let Some(id) = self.request_id {

@@ -67,7 +67,10 @@ pub struct HttpSession {
     pipe: Option<Pipe>,
     phase: Phase,
     facts: RequestFacts,
+    /// The client connection closes after the current response.
     response_close: bool,
+    /// The backend closes its connection after the current response.
+    backend_close: bool,
     response_code: u16,
     set_cookie: Option<String>,
     cluster: Option<String>,
@@ -127,6 +130,7 @@ impl HttpSession {
             phase: Phase::Request,
             facts: RequestFacts::default(),
             response_close: false,
+            backend_close: false,
             response_code: 0,
             set_cookie: None,
             cluster: None,
@@ -726,14 +730,17 @@ impl HttpSession {
             head: self.facts.head,
             request_id: self.facts.request_id.as_ref(),
             set_cookie: self.set_cookie.take(),
-            drain: ctx.draining,
-            close: false,
+            announce_close: ctx.draining || self.facts.close || (self.facts.http10 && !self.facts.keep_alive),
+            http10_keep_alive: self.facts.http10 && self.facts.keep_alive,
+            backend_close: false,
+            front_close: false,
             code: 0,
         };
         let was_initial = !self.resp.is_main_phase();
         kawa::h1::parse(&mut self.resp, &mut callbacks);
         if was_initial && self.resp.is_main_phase() {
-            self.response_close = callbacks.close;
+            self.response_close = callbacks.front_close;
+            self.backend_close = callbacks.backend_close;
             self.response_code = callbacks.code;
         }
         if callbacks.set_cookie.is_some() {
@@ -803,7 +810,7 @@ impl HttpSession {
             && (!self.facts.http10 || self.facts.keep_alive)
             && !self.front_closed;
         let keep_back = self.back.as_ref().is_some_and(|b| b.reusable)
-            && !self.response_close
+            && !self.backend_close
             && self.resp.storage.unparsed_data().is_empty();
         self.finish_request(ctx, Carrier::Http1, code, None);
         if !keep_back {
@@ -819,6 +826,7 @@ impl HttpSession {
         self.resp.storage.clear();
         self.facts = RequestFacts::default();
         self.response_close = false;
+        self.backend_close = false;
         self.response_code = 0;
         self.phase = Phase::Request;
         self.deadline = self.idle_deadline(ctx);
