@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use boring::hash::MessageDigest;
 use boring::pkey::{PKey, Private};
@@ -68,27 +69,61 @@ pub struct KeyringClient {
     pub outbox: Vec<proto::SignRequest>,
     /// Request id → session key, for the reply to wake the session.
     pub waiting: HashMap<u64, usize>,
-    replies: HashMap<u64, Result<Vec<u8>, String>>,
+    /// Replies not yet collected by their handshake, with when they arrived.
+    replies: HashMap<u64, (Instant, Result<Vec<u8>, String>)>,
+    /// When the replies were last swept.
+    swept: Option<Instant>,
 }
+
+/// A reply nobody collected within this long belongs to a connection that closed while its
+/// handshake waited (or to a session key since reused): it is dropped.
+const UNCOLLECTED: Duration = Duration::from_secs(30);
 
 impl KeyringClient {
     /// A reply arrived: returns the session to wake.
     pub fn reply(&mut self, reply: proto::SignReply) -> Option<usize> {
+        self.reply_at(reply, Instant::now())
+    }
+
+    fn reply_at(&mut self, reply: proto::SignReply, now: Instant) -> Option<usize> {
+        self.sweep(now);
+        // A reply to a request nobody waits for (answered twice, or forged by a broken
+        // keyring) is not kept.
+        let session = self.waiting.remove(&reply.id)?;
         let result = if reply.error.is_empty() {
             Ok(reply.signature)
         } else {
             Err(reply.error)
         };
-        self.replies.insert(reply.id, result);
-        self.waiting.remove(&reply.id)
+        self.replies.insert(reply.id, (now, result));
+        Some(session)
+    }
+
+    /// Drops replies no handshake collected in time, once per `UNCOLLECTED`.
+    fn sweep(&mut self, now: Instant) {
+        if self
+            .swept
+            .is_some_and(|t| now.saturating_duration_since(t) < UNCOLLECTED)
+        {
+            return;
+        }
+        self.swept = Some(now);
+        self.replies
+            .retain(|_, (arrived, _)| now.saturating_duration_since(*arrived) < UNCOLLECTED);
+    }
+
+    /// Replies waiting to be collected.
+    pub fn uncollected(&self) -> usize {
+        self.replies.len()
     }
 
     /// The keyring went away: every waiting handshake fails (clients retry), and the sessions
     /// to wake are returned.
     pub fn fail_all(&mut self, why: &str) -> Vec<usize> {
         let waiting: Vec<(u64, usize)> = self.waiting.drain().collect();
+        let now = Instant::now();
         for (id, _) in &waiting {
-            self.replies.insert(*id, Err(why.to_string()));
+            self.replies.insert(*id, (now, Err(why.to_string())));
         }
         self.outbox.clear();
         waiting.into_iter().map(|(_, s)| s).collect()
@@ -146,8 +181,8 @@ impl PrivateKeyMethod for KeyringMethod {
         let mut client = self.client.lock().map_err(|_| PrivateKeyMethodError::FAILURE)?;
         match client.replies.remove(&id) {
             None => Err(PrivateKeyMethodError::RETRY),
-            Some(Err(_)) => Err(PrivateKeyMethodError::FAILURE),
-            Some(Ok(signature)) => {
+            Some((_, Err(_))) => Err(PrivateKeyMethodError::FAILURE),
+            Some((_, Ok(signature))) => {
                 let out = output
                     .get_mut(..signature.len())
                     .ok_or(PrivateKeyMethodError::FAILURE)?;
@@ -407,5 +442,40 @@ fn flush_replies(workers: &mut slab::Slab<(Channel, std::collections::VecDeque<p
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(id: u64) -> proto::SignReply {
+        proto::SignReply {
+            id,
+            signature: vec![1, 2, 3],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn replies_nobody_collects_do_not_pile_up() {
+        let mut client = KeyringClient::default();
+        let start = Instant::now();
+        client.waiting.insert(1, 10);
+        client.waiting.insert(2, 11);
+        // A reply nobody asked for is not kept.
+        assert_eq!(client.reply_at(reply(99), start), None);
+        assert_eq!(client.uncollected(), 0);
+        // Session 10 is woken; its connection closed before its handshake collected the reply.
+        assert_eq!(client.reply_at(reply(1), start), Some(10));
+        assert_eq!(client.uncollected(), 1);
+        // A later reply, past the limit, sweeps the abandoned one away and is kept itself.
+        assert_eq!(
+            client.reply_at(reply(2), start + UNCOLLECTED + Duration::from_secs(1)),
+            Some(11)
+        );
+        assert_eq!(client.uncollected(), 1);
+        assert!(client.replies.contains_key(&2));
+        assert!(client.waiting.is_empty());
     }
 }
