@@ -124,6 +124,7 @@ impl LinkMessage for WorkerToSupervisor {
             Some(Kind::Reply(_)) => "reply",
             Some(Kind::JailReport(_)) => "jail_report",
             Some(Kind::Log(_)) => "log",
+            Some(Kind::Metrics(_)) => "metrics",
         }
     }
 }

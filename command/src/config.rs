@@ -52,6 +52,8 @@ pub mod defaults {
     pub const TLS_HANDSHAKE_TIMEOUT: u32 = 10;
     /// How long a soft stop (or SIGTERM) lets in-flight requests finish.
     pub const SHUTDOWN_GRACE: u32 = 30;
+    /// Metric series (listener, cluster, backend) each worker keeps at most.
+    pub const METRICS_MAX_SERIES: u32 = 4096;
     /// Tunnels of retired workers run for at most ten minutes after an upgrade.
     pub const UPGRADE_GRACE: u32 = 600;
     /// Weight of a backend when the file names none.
@@ -190,6 +192,8 @@ pub struct Config {
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
+    pub metrics: MetricsSettings,
+    #[serde(default)]
     pub sandbox: SandboxConfig,
     #[serde(default)]
     pub audit: AuditConfig,
@@ -234,6 +238,22 @@ impl Default for Timeouts {
             shutdown_grace: defaults::SHUTDOWN_GRACE,
             upgrade_grace: defaults::UPGRADE_GRACE,
             tls_handshake: defaults::TLS_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Series (one per listener, cluster and backend that served) each worker keeps at most;
+    /// requests beyond are counted in the totals and in `series_overflow`.
+    pub max_series: u32,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            max_series: defaults::METRICS_MAX_SERIES,
         }
     }
 }
@@ -591,6 +611,13 @@ impl Config {
                     "{} is out of range: use 1 to 86400 seconds",
                     self.timeouts.upgrade_grace
                 ),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.metrics.max_series) {
+            return Err(self.value_error(
+                "metrics.max_series",
+                None,
+                format!("{} is out of range: use 1 to 1000000", self.metrics.max_series),
             ));
         }
         if self.worker_user.is_empty() || self.worker_group.is_empty() {
@@ -1201,6 +1228,10 @@ frontends = [
         )
         .unwrap();
         assert_eq!(ok.timeouts.upgrade_grace, 5);
+        let err = Config::parse(&format!("[metrics]\nmax_series = 0\n{text}"), &dir.join("rampart.toml")).unwrap_err();
+        assert!(err.to_string().contains("metrics.max_series"), "{err}");
+        let err = Config::parse(&format!("[metrics]\nstatsd = 1\n{text}"), &dir.join("rampart.toml")).unwrap_err();
+        assert!(err.to_string().contains("statsd"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -122,7 +122,7 @@ pub fn kind_info(kind: &Kind) -> &'static KindInfo {
         Kind::ApplyState(_) => &const { control("apply_state", EachRequest) },
         Kind::Status(_) => &const { query("status") },
         Kind::ListWorkers(_) => &const { query("list_workers") },
-        Kind::QueryMetrics(_) => &const { row("query_metrics", false, false, AnyRole, Handler::NotAvailable) },
+        Kind::QueryMetrics(_) => &const { query("query_metrics") },
         Kind::ConfigureMetrics(_) => &const { row("configure_metrics", false, true, Operator, Handler::NotAvailable) },
         Kind::SetLoggingLevel(_) => &const { control("set_logging_level", Operator) },
         Kind::SubscribeEvents(_) => &const { row("subscribe_events", false, false, Auditor, Handler::NotAvailable) },

@@ -21,6 +21,7 @@ pub mod config;
 pub mod framing;
 pub mod keyfile;
 pub mod kinds;
+pub mod metrics;
 pub mod state;
 
 /// Generated protobuf messages (see `proto/command.proto`).

@@ -462,7 +462,13 @@ fn arb_kind(depth: u32) -> BoxedStrategy<Kind> {
         e().prop_map(Kind::Status).boxed(),
         e().prop_map(Kind::ListWorkers).boxed(),
         (s(), proptest::collection::vec(s(), 0..3))
-            .prop_map(|(cluster_id, names)| Kind::QueryMetrics(proto::MetricsQuery { cluster_id, names }))
+            .prop_map(|(cluster_id, names)| {
+                Kind::QueryMetrics(proto::MetricsQuery {
+                    cluster_id,
+                    names,
+                    backend_id: String::new(),
+                })
+            })
             .boxed(),
         (any::<bool>(), s(), s())
             .prop_map(|(enabled, statsd_address, prefix)| {

@@ -578,7 +578,6 @@ fn settings_nothing_enforces_are_refused_by_name() {
     r.ctl(&["cluster", "add", "app"]);
     for args in [
         &["health-check", "set", "--cluster", "app", "--path", "/health"][..],
-        &["metrics"][..],
         &["health-check", "list"][..],
     ] {
         let err = r.try_ctl(args).expect_err("a request nothing answers was accepted");

@@ -224,6 +224,7 @@ impl Worker {
             }
             Some(RequestKind::HardStop(_)) => {
                 self.reply(order.sequence, true, "stopping now".into());
+                self.send_metrics(true);
                 Some(0)
             }
             Some(RequestKind::Status(_)) => {

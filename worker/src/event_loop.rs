@@ -33,6 +33,8 @@ pub(crate) const CHANNEL: Token = Token(0);
 pub(crate) const KEYRING: Token = Token(FIRST_SESSION_TOKEN - 1);
 pub(crate) const LISTENER_BASE: usize = 1;
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// How often a worker sends its metric figures to the supervisor (when they changed).
+const METRICS_INTERVAL: Duration = Duration::from_secs(1);
 /// A kept-alive client connection idle when a drain begins is closed after this long, unless
 /// a request arrives first (it is then answered, with `Connection: close`).
 pub(crate) const DRAIN_IDLE: Duration = Duration::from_secs(1);
@@ -227,7 +229,7 @@ impl Worker {
             sessions: Slab::with_capacity(max_connections.min(4096)),
             tokens: Tokens::default(),
             idle: IdlePool::default(),
-            records: Records::default(),
+            records: Records::new(launch.max_series as usize),
             again: Vec::new(),
             tls: TlsContexts::default(),
             ticket_key: None,
@@ -276,6 +278,7 @@ impl Worker {
         }
         let mut events = Events::with_capacity(1024);
         let mut last_tick = Instant::now();
+        let mut last_report = Instant::now();
         loop {
             let wait = if self.again.is_empty() {
                 TIMER_TICK
@@ -313,12 +316,18 @@ impl Worker {
                 last_tick = now;
                 self.expire(now);
             }
+            if now.duration_since(last_report) >= METRICS_INTERVAL {
+                last_report = now;
+                self.send_metrics(false);
+            }
             if let Some(deadline) = self.stopping {
                 if self.sessions.is_empty() {
+                    self.send_metrics(true);
                     return 0;
                 }
                 if now >= deadline {
                     self.end_drain(now);
+                    self.send_metrics(true);
                     return 0;
                 }
             }
@@ -457,6 +466,18 @@ impl Worker {
             LOG_INFO,
             format!("grace period over: closed {tunnels} tunnel(s) and {others} other connection(s) still open"),
         );
+    }
+
+    /// Sends the figures that changed (all of the totals) to the supervisor; `last` sends them
+    /// even when nothing changed, before the worker exits. A full channel drops a piece: the
+    /// next report carries the series again only if they change, the totals always.
+    pub(crate) fn send_metrics(&mut self, last: bool) {
+        for report in self.records.reports(self.sessions.len(), last) {
+            let message = WorkerToSupervisor {
+                kind: Some(to_supervisor::Kind::Metrics(report)),
+            };
+            let _ = self.channel.send(&message, &[]);
+        }
     }
 
     pub(crate) fn rebuild_tls(&mut self) {

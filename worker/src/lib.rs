@@ -71,6 +71,13 @@ pub struct WorkerLaunch {
     /// supervisor's test-only environment variable; a production supervisor never sets it.
     #[serde(default)]
     pub refuse_cluster: Option<String>,
+    /// Metric series (listener, cluster, backend) a worker keeps at most (`metrics.max_series`).
+    #[serde(default = "default_max_series")]
+    pub max_series: u32,
+}
+
+fn default_max_series() -> u32 {
+    rampart_command::config::defaults::METRICS_MAX_SERIES
 }
 
 fn default_tls_handshake_timeout() -> u32 {

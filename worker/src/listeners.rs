@@ -123,6 +123,7 @@ impl Worker {
                 (self.pool.deferred(), self.pool.deferred())
             };
             let _ = stream.set_nodelay(true);
+            self.records.connection_accepted();
             let key = self.sessions.vacant_key();
             let front_token = self.tokens.take(key, Side::Front);
             if self

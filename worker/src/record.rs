@@ -3,7 +3,11 @@
 //! when its answer was written (a backend's or one of ours), when a tunnel or a TCP connection
 //! ends, or when the client or the backend went away in the middle of it.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use rampart_command::metrics::MergedSeries;
+use rampart_command::proto::{MetricSeries, MetricsReport, WorkerTotals};
 
 /// What carried the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +58,10 @@ pub struct RequestRecord<'a> {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub failure: Option<Failure>,
+    /// Opening the backend connection, when this request opened one.
+    pub connect_time: Option<Duration>,
+    /// From routing to the backend's response head.
+    pub first_byte_time: Option<Duration>,
 }
 
 impl RequestRecord<'_> {
@@ -62,9 +70,48 @@ impl RequestRecord<'_> {
     }
 }
 
-/// What the worker keeps of the records: counters today (reported by `status`); access logs and
-/// metrics read the same records here.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// One series' figures, and whether they changed since the last report.
+#[derive(Default)]
+struct Series {
+    figures: MergedSeries,
+    dirty: bool,
+}
+
+impl Series {
+    fn add(&mut self, record: &RequestRecord<'_>, class: usize) {
+        let f = &mut self.figures;
+        if let Some(slot) = f.status_classes.get_mut(class) {
+            *slot += 1;
+        }
+        f.requests += 1;
+        f.failed += u64::from(record.failure.is_some());
+        f.tunnels += u64::from(record.carrier != Carrier::Http1);
+        f.bytes_in += record.bytes_in;
+        f.bytes_out += record.bytes_out;
+        f.request_time.record(micros(record.duration()));
+        if let Some(d) = record.connect_time {
+            f.connect_time.record(micros(d));
+        }
+        if let Some(d) = record.first_byte_time {
+            f.first_byte_time.record(micros(d));
+        }
+        self.dirty = true;
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Channel messages stay well under the channel's limit: a report is cut into pieces of about
+/// this many encoded bytes.
+const REPORT_PIECE: usize = 32 * 1024;
+
+/// What the worker keeps of the records: counters (reported by `status`) and the metric series
+/// per listener, cluster and backend, sent to the supervisor by [`Records::reports`]. Writing a
+/// record allocates only for a series seen for the first time; at most `max_series` series
+/// exist, records beyond that are counted in the totals and in `series_overflow`.
+#[derive(Default)]
 pub struct Records {
     pub finished: u64,
     /// By status class: 1xx..5xx at 1..=5, no status at 0.
@@ -73,9 +120,25 @@ pub struct Records {
     pub tunnels: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    listeners: HashMap<String, Series>,
+    clusters: HashMap<String, Series>,
+    backends: HashMap<String, HashMap<String, Series>>,
+    series: usize,
+    max_series: usize,
+    pub totals: WorkerTotals,
+    tls_versions: HashMap<&'static str, u64>,
+    /// Something changed since the last report.
+    changed: bool,
 }
 
 impl Records {
+    pub fn new(max_series: usize) -> Records {
+        Records {
+            max_series,
+            ..Default::default()
+        }
+    }
+
     pub fn finish(&mut self, record: &RequestRecord<'_>) {
         self.finished += 1;
         let class = usize::from(record.status / 100).min(5);
@@ -90,6 +153,132 @@ impl Records {
         }
         self.bytes_in += record.bytes_in;
         self.bytes_out += record.bytes_out;
+        self.totals.requests += 1;
+        self.changed = true;
+        let room = self.series < self.max_series;
+        let mut overflow = false;
+        match self.listeners.get_mut(record.listener) {
+            Some(s) => s.add(record, class),
+            None if room => {
+                let mut s = Series::default();
+                s.add(record, class);
+                self.listeners.insert(record.listener.to_string(), s);
+                self.series += 1;
+            }
+            None => overflow = true,
+        }
+        if let Some(cluster) = record.cluster {
+            let room = self.series < self.max_series;
+            match self.clusters.get_mut(cluster) {
+                Some(s) => s.add(record, class),
+                None if room => {
+                    let mut s = Series::default();
+                    s.add(record, class);
+                    self.clusters.insert(cluster.to_string(), s);
+                    self.series += 1;
+                }
+                None => overflow = true,
+            }
+            if let Some(backend) = record.backend {
+                let known = self.backends.get(cluster).is_some_and(|b| b.contains_key(backend));
+                if known {
+                    if let Some(s) = self.backends.get_mut(cluster).and_then(|b| b.get_mut(backend)) {
+                        s.add(record, class);
+                    }
+                } else if self.series < self.max_series {
+                    let mut s = Series::default();
+                    s.add(record, class);
+                    self.backends
+                        .entry(cluster.to_string())
+                        .or_default()
+                        .insert(backend.to_string(), s);
+                    self.series += 1;
+                } else {
+                    overflow = true;
+                }
+            }
+        }
+        if overflow {
+            self.totals.series_overflow += 1;
+        }
+    }
+
+    pub fn connection_accepted(&mut self) {
+        self.totals.connections_accepted += 1;
+        self.changed = true;
+    }
+
+    pub fn tls_handshake(&mut self, version: &'static str) {
+        self.totals.tls_handshakes += 1;
+        *self.tls_versions.entry(version).or_default() += 1;
+        self.changed = true;
+    }
+
+    pub fn tls_handshake_failed(&mut self) {
+        self.totals.tls_handshake_failures += 1;
+        self.changed = true;
+    }
+
+    pub fn backend_connect_error(&mut self) {
+        self.totals.backend_connect_errors += 1;
+        self.changed = true;
+    }
+
+    pub fn backend_retry(&mut self) {
+        self.totals.backend_retries += 1;
+        self.changed = true;
+    }
+
+    /// The reports to send: the totals and every series that changed since the last call,
+    /// in pieces that fit the channel. Empty when nothing changed (and `force` is false).
+    pub fn reports(&mut self, active: usize, force: bool) -> Vec<MetricsReport> {
+        if !self.changed && !force {
+            return Vec::new();
+        }
+        self.changed = false;
+        self.totals.connections_active = active as u64;
+        self.totals.tls_versions = self.tls_versions.iter().map(|(v, n)| ((*v).to_string(), *n)).collect();
+        let mut pieces = vec![MetricsReport {
+            totals: Some(self.totals.clone()),
+            ..Default::default()
+        }];
+        let mut size = 0usize;
+        let mut push = |series: MetricSeries| {
+            let len = prost::Message::encoded_len(&series);
+            if size + len > REPORT_PIECE && pieces.last().is_some_and(|p| !p.series.is_empty()) {
+                pieces.push(MetricsReport::default());
+                size = 0;
+            }
+            size += len;
+            if let Some(p) = pieces.last_mut() {
+                p.series.push(series);
+            }
+        };
+        let empty = String::new();
+        for (listener, s) in self.listeners.iter_mut().filter(|(_, s)| s.dirty) {
+            s.dirty = false;
+            push(
+                s.figures
+                    .to_proto(&(listener.clone(), empty.clone(), empty.clone()), false),
+            );
+        }
+        for (cluster, s) in self.clusters.iter_mut().filter(|(_, s)| s.dirty) {
+            s.dirty = false;
+            push(
+                s.figures
+                    .to_proto(&(empty.clone(), cluster.clone(), empty.clone()), false),
+            );
+        }
+        for (cluster, backends) in &mut self.backends {
+            for (backend, s) in backends.iter_mut().filter(|(_, s)| s.dirty) {
+                s.dirty = false;
+                push(
+                    s.figures
+                        .to_proto(&(empty.clone(), cluster.clone(), backend.clone()), false),
+                );
+            }
+        }
+        pieces
     }
 
     /// One line for the `status` answer.
@@ -109,7 +298,7 @@ mod tests {
     #[test]
     fn records_are_counted_by_class_and_outcome() {
         let now = Instant::now();
-        let mut records = Records::default();
+        let mut records = Records::new(100);
         let mut r = RequestRecord {
             carrier: Carrier::Http1,
             listener: "127.0.0.1:80",
@@ -121,6 +310,8 @@ mod tests {
             bytes_in: 80,
             bytes_out: 500,
             failure: None,
+            connect_time: Some(Duration::from_micros(300)),
+            first_byte_time: None,
         };
         records.finish(&r);
         r.status = 404;

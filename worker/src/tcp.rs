@@ -67,6 +67,8 @@ impl TcpSession {
             bytes_in: self.pipe.bytes_in,
             bytes_out: self.pipe.bytes_out,
             failure: failure.or(self.failed.then_some(Failure::SocketError)),
+            connect_time: None,
+            first_byte_time: None,
         };
         ctx.records.finish(&record);
         if let Some(back) = self.back.take() {

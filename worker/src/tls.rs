@@ -351,6 +351,14 @@ impl FrontStream {
         Some((names, ssl.servername(NameType::HOST_NAME).is_some()))
     }
 
+    /// The negotiated protocol version of a completed handshake ("TLSv1.3").
+    pub fn tls_version(&self) -> Option<&'static str> {
+        match self {
+            FrontStream::Tls(s) => Some(s.ssl().version_str()),
+            _ => None,
+        }
+    }
+
     /// Whether the TLS handshake is still under way.
     pub fn in_handshake(&self) -> bool {
         matches!(self, FrontStream::Handshake(_))

@@ -148,9 +148,12 @@ pub enum ClientCommand {
     },
     /// Query the workers' metrics.
     Metrics {
-        /// Only the metrics of this cluster.
+        /// Only the series of this cluster (and of its backends).
         #[arg(long)]
         cluster: Option<String>,
+        /// Only the series of this backend.
+        #[arg(long)]
+        backend: Option<String>,
     },
 }
 
@@ -189,9 +192,10 @@ pub(super) fn to_request(command: &ClientCommand) -> Result<Option<Request>, Cli
         ClientCommand::Policy => Kind::ShowPolicy(proto::Empty {}),
         ClientCommand::ReloadPolicy => Kind::ReloadPolicy(proto::Empty {}),
         ClientCommand::Logging { filter } => Kind::SetLoggingLevel(proto::LoggingLevel { filter: filter.clone() }),
-        ClientCommand::Metrics { cluster } => Kind::QueryMetrics(proto::MetricsQuery {
+        ClientCommand::Metrics { cluster, backend } => Kind::QueryMetrics(proto::MetricsQuery {
             cluster_id: cluster.clone().unwrap_or_default(),
             names: Vec::new(),
+            backend_id: backend.clone().unwrap_or_default(),
         }),
     };
     Ok(Some(request_of(kind)))

@@ -280,17 +280,55 @@ pub(super) fn render_certificates(list: &proto::CertificateList) -> String {
     table.render_or("no certificates")
 }
 
+fn micros(us: u64) -> String {
+    match us {
+        0 => "-".into(),
+        u64::MAX => "slower".into(),
+        us if us < 1000 => format!("{us}µs"),
+        us if us < 1_000_000 => format!("{:.1}ms", us as f64 / 1000.0),
+        us => format!("{:.2}s", us as f64 / 1_000_000.0),
+    }
+}
+
 pub(super) fn render_metrics(report: &proto::MetricsReport) -> String {
-    let mut table = Table::new(&["NAME", "CLUSTER", "COUNT", "VALUE"]);
-    for m in &report.values {
+    let mut table = Table::new(&[
+        "LISTENER", "CLUSTER", "BACKEND", "REQUESTS", "2XX", "3XX", "4XX", "5XX", "FAILED", "IN", "OUT", "P50", "P99",
+        "P99.9",
+    ]);
+    for s in &report.series {
+        let class = |i: usize| s.status_classes.get(i).copied().unwrap_or(0).to_string();
+        let time = s.request_time.clone().unwrap_or_default();
         table.push(vec![
-            m.name.clone(),
-            or_dash(&m.cluster_id),
-            m.count.to_string(),
-            m.value.to_string(),
+            or_dash(&s.listener),
+            or_dash(&s.cluster_id),
+            or_dash(&s.backend_id),
+            s.requests.to_string(),
+            class(2),
+            class(3),
+            class(4),
+            class(5),
+            s.failed.to_string(),
+            s.bytes_in.to_string(),
+            s.bytes_out.to_string(),
+            micros(time.p50_us),
+            micros(time.p99_us),
+            micros(time.p999_us),
         ]);
     }
-    table.render_or("no metrics")
+    let t = report.totals.clone().unwrap_or_default();
+    format!(
+        "{}\n{} request(s), {} connection(s) accepted, {} active, {} TLS handshake(s) ({} failed), {} backend connect error(s), {} retr(ies), {} request(s) beyond metrics.max_series; {} worker process(es)",
+        table.render_or("no series yet"),
+        t.requests,
+        t.connections_accepted,
+        t.connections_active,
+        t.tls_handshakes,
+        t.tls_handshake_failures,
+        t.backend_connect_errors,
+        t.backend_retries,
+        t.series_overflow,
+        report.processes
+    )
 }
 
 pub(super) fn render_health_checks(list: &proto::HealthCheckList) -> String {

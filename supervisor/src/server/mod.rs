@@ -11,6 +11,7 @@ mod clients;
 mod dispatch;
 mod fanout;
 mod keys;
+mod metrics;
 mod query;
 mod rejail;
 mod resources;
@@ -270,6 +271,8 @@ pub struct Supervisor {
     state_hash: String,
     /// Workers replaced in their slot, draining.
     retiring: Vec<Retiring>,
+    /// The workers' figures, merged.
+    metrics: metrics::MetricsStore,
     /// Where every acknowledged change is saved, when configured.
     saved_state: Option<PathBuf>,
     /// What the supervisor's own narrowing holds (see `start::narrow`).

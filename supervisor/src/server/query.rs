@@ -32,6 +32,10 @@ impl Supervisor {
                     pid: std::process::id() as i32,
                 })),
             )),
+            Some(Kind::QueryMetrics(q)) => Ok((
+                String::new(),
+                Some(Content::Metrics(self.metrics.report(&q.cluster_id, &q.backend_id))),
+            )),
             Some(Kind::ListWorkers(_)) => Ok((
                 String::new(),
                 Some(Content::Workers(proto::WorkerList {

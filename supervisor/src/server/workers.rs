@@ -135,7 +135,9 @@ impl Supervisor {
             let r = self.retiring.swap_remove(index);
             // Its last words wait in the channel: log lines (the drain's end) are passed on.
             while let Ok(Some(received)) = r.channel.recv::<WorkerToSupervisor>() {
-                if let Some(worker_to_supervisor::Kind::Log(line)) = received.message.kind {
+                if let Some(worker_to_supervisor::Kind::Metrics(report)) = received.message.kind {
+                    self.metrics.update(pid.as_raw(), report);
+                } else if let Some(worker_to_supervisor::Kind::Log(line)) = received.message.kind {
                     let text = format!("replaced {} (pid {pid}): {}", line.target, line.message);
                     match line.level {
                         rampart_worker::LOG_ERROR => self.log.error(&text),
@@ -144,6 +146,7 @@ impl Supervisor {
                     }
                 }
             }
+            self.metrics.ended(pid.as_raw());
             let message = format!("replaced worker {} (pid {pid}) {how}", r.id);
             self.log.info(&message);
             self.audit.system("worker_retired", &message);
@@ -156,7 +159,14 @@ impl Supervisor {
         let id = slot.id;
         if let Some(channel) = slot.channel.take() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&channel.as_raw_fd()));
+            // Its last report may still wait in the channel.
+            while let Ok(Some(received)) = channel.recv::<WorkerToSupervisor>() {
+                if let Some(worker_to_supervisor::Kind::Metrics(report)) = received.message.kind {
+                    self.metrics.update(pid.as_raw(), report);
+                }
+            }
         }
+        self.metrics.ended(pid.as_raw());
         if let Some(err) = slot.stderr.take() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&err.as_raw_fd()));
         }
@@ -357,6 +367,11 @@ impl Supervisor {
             match received.message.kind {
                 Some(worker_to_supervisor::Kind::JailReport(report)) => self.worker_jailed(id, report),
                 Some(worker_to_supervisor::Kind::Reply(reply)) => self.worker_reply(id, reply),
+                Some(worker_to_supervisor::Kind::Metrics(report)) => {
+                    if let Some(pid) = slot.pid {
+                        self.metrics.update(pid.as_raw(), report);
+                    }
+                }
                 Some(worker_to_supervisor::Kind::Log(line)) => {
                     let text = format!("{}: {}", line.target, line.message);
                     match line.level {

@@ -136,6 +136,9 @@ pub fn connect(
     tried: &mut Vec<String>,
 ) -> Result<BackendConn, ConnectError> {
     loop {
+        if !tried.is_empty() {
+            ctx.records.backend_retry();
+        }
         let Some(cluster) = ctx.balancers.clusters.get_mut(cluster_id) else {
             return Err(ConnectError::NoBackend);
         };
@@ -185,6 +188,7 @@ pub fn connect(
                 });
             }
             Err(_) => {
+                ctx.records.backend_connect_error();
                 cluster_failed(ctx, cluster_id, &tried.last().cloned().unwrap_or_default());
                 if tried.len() >= MAX_CONNECT_ATTEMPTS {
                     return Err(ConnectError::Exhausted);
@@ -203,6 +207,7 @@ fn cluster_failed(ctx: &mut Context<'_>, cluster_id: &str, backend_id: &str) {
 impl BackendConn {
     /// The connection failed to open: the backend is ejected for a while, the connection closed.
     pub fn failed(self, ctx: &mut Context<'_>) {
+        ctx.records.backend_connect_error();
         cluster_failed(ctx, &self.cluster, &self.backend_id);
         self.release(ctx, false);
     }

@@ -91,6 +91,12 @@ pub struct HttpSession {
     bytes_out: u64,
     /// Why the request in flight is ending, when the session closes in the middle of it.
     failure: Option<Failure>,
+    /// When the current request was routed, when its backend connection began opening, and
+    /// what the record will say of both.
+    routed_at: Option<Instant>,
+    connect_began: Option<Instant>,
+    connect_time: Option<std::time::Duration>,
+    first_byte_time: Option<std::time::Duration>,
     /// The TLS handshake is not complete: the deadline is the handshake timeout.
     handshaking: bool,
     pub deadline: Instant,
@@ -146,6 +152,10 @@ impl HttpSession {
             bytes_in: 0,
             bytes_out: 0,
             failure: None,
+            routed_at: None,
+            connect_began: None,
+            connect_time: None,
+            first_byte_time: None,
             handshaking,
             deadline: now + first_deadline,
         }
@@ -218,10 +228,14 @@ impl HttpSession {
             bytes_in,
             bytes_out,
             failure,
+            connect_time: self.connect_time.take(),
+            first_byte_time: self.first_byte_time.take(),
         };
         ctx.records.finish(&record);
         self.bytes_in = 0;
         self.bytes_out = 0;
+        self.routed_at = None;
+        self.connect_began = None;
     }
 
     /// Closes the connection; a request still in flight is recorded as failed.
@@ -236,6 +250,9 @@ impl HttpSession {
     }
 
     fn end(&mut self, ctx: &mut Context<'_>, failure: Failure) {
+        if self.handshaking && self.front.in_handshake() {
+            ctx.records.tls_handshake_failed();
+        }
         if self.phase == Phase::Pipe {
             let failure = (failure == Failure::Drained || self.failure.is_some()).then_some(failure);
             self.finish_request(ctx, Carrier::Tunnel, 101, failure);
@@ -316,9 +333,12 @@ impl HttpSession {
 
     /// Once the handshake is complete, the connection waits for its first request under the
     /// idle timeout (a request that already began has its own deadline).
-    fn handshake_settled(&mut self, ctx: &Context<'_>) {
+    fn handshake_settled(&mut self, ctx: &mut Context<'_>) {
         if self.handshaking && !self.front.in_handshake() {
             self.handshaking = false;
+            if let Some(version) = self.front.tls_version() {
+                ctx.records.tls_handshake(version);
+            }
             if self.phase == Phase::Request && self.request_began.is_none() {
                 self.deadline = self.idle_deadline(ctx);
             }
@@ -571,6 +591,7 @@ impl HttpSession {
         let was_initial = !self.resp.is_main_phase();
         kawa::h1::parse(&mut self.resp, &mut callbacks);
         if was_initial && self.resp.is_main_phase() {
+            self.first_byte_time = self.routed_at.map(|t| ctx.now.saturating_duration_since(t));
             self.response_close = callbacks.front_close;
             self.backend_close = callbacks.backend_close;
             self.response_code = callbacks.code;

@@ -56,6 +56,7 @@ impl HttpSession {
             self.cluster = Some(cluster_id.to_string());
         }
         self.tried.clear();
+        self.routed_at = Some(ctx.now);
         self.connect_timed_out = false;
         // Reuse the kept-alive backend when it serves the same cluster.
         // (and the backend is still configured: a removed backend finishes its in-flight request,
@@ -116,6 +117,7 @@ impl HttpSession {
                     self.deadline = self.backend_response_deadline(ctx);
                 } else {
                     self.phase = Phase::Connecting;
+                    self.connect_began = Some(ctx.now);
                     self.deadline = ctx.now
                         + self
                             .listener
@@ -167,6 +169,7 @@ impl HttpSession {
         match b.stream.peer_addr() {
             Ok(_) => {
                 b.succeeded(ctx);
+                self.connect_time = self.connect_began.map(|t| ctx.now.saturating_duration_since(t));
                 self.phase = Phase::Forward;
                 self.deadline = self.backend_response_deadline(ctx);
                 Step::Progress

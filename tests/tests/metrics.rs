@@ -1,0 +1,187 @@
+//! Metrics against the real binary: a known number of requests (answered 200 by a backend, 404
+//! for no frontend, 502 for a backend that refuses connections) is what `rampart metrics --json`
+//! counts, per status class, listener, cluster and backend, merged across two workers, and still
+//! after a worker is replaced.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rampart_tests::{EchoBackend, Rampart, config_head, free_port, raw_exchange};
+use serde_json::Value;
+
+fn series<'a>(report: &'a Value, listener: &str, cluster: &str, backend: &str) -> Option<&'a Value> {
+    let field = |s: &Value, name: &str| s[name].as_str().unwrap_or("").to_string();
+    report["series"].as_array()?.iter().find(|s| {
+        field(s, "listener") == listener && field(s, "cluster_id") == cluster && field(s, "backend_id") == backend
+    })
+}
+
+fn metrics(r: &Rampart, args: &[&str]) -> Value {
+    let mut all = vec!["metrics", "--json"];
+    all.extend_from_slice(args);
+    let out = r.ctl(&all);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["content"]["metrics"].clone()
+}
+
+fn count(v: &Value) -> u64 {
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Waits until the merged totals say `requests` (workers report once a second).
+fn wait_for(r: &Rampart, requests: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = metrics(r, &[]);
+        if count(&m["totals"]["requests"]) == requests {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "the totals never reached {requests}: {m}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn metrics_count_every_request_by_class_cluster_and_backend() {
+    let backend = EchoBackend::start();
+    let refused = free_port();
+    let port = free_port();
+    let listener = format!("127.0.0.1:{port}");
+    let config = format!(
+        "{}[sandbox]\nbackend_ports = [{b}, {refused}]\n\n[[listeners]]\naddress = \"{listener}\"\n\n\
+         [clusters.app]\nbackends = [ {{ id = \"app-1\", address = \"127.0.0.1:{b}\" }} ]\nfrontends = [ {{ address = \"{listener}\", hostname = \"app.test\" }} ]\n\n\
+         [clusters.down]\nbackends = [ {{ id = \"down-1\", address = \"127.0.0.1:{refused}\" }} ]\nfrontends = [ {{ address = \"{listener}\", hostname = \"down.test\" }} ]\n",
+        config_head(Path::new("{dir}"), 2),
+        b = backend.port,
+    );
+    let r = Rampart::start("metrics-counts", &config);
+    // Nothing yet: an answer with no series, not a failure.
+    let empty = metrics(&r, &[]);
+    assert_eq!(count(&empty["totals"]["requests"]), 0, "{empty}");
+    let text = r.ctl(&["metrics"]);
+    assert!(text.contains("no series yet"), "{text}");
+
+    let exchange = |host: &str, path: &str| {
+        raw_exchange(
+            port,
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(10),
+        )
+    };
+    for i in 0..7 {
+        let reply = exchange("app.test", &format!("/{i}"));
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    }
+    for _ in 0..3 {
+        assert!(exchange("nowhere.test", "/").starts_with("HTTP/1.1 404"));
+    }
+    for _ in 0..2 {
+        let reply = exchange("down.test", "/");
+        assert!(
+            reply.starts_with("HTTP/1.1 502") || reply.starts_with("HTTP/1.1 503"),
+            "{reply}"
+        );
+    }
+    // wrk over keep-alive for a second: counted exactly too (wrk says how many it completed).
+    let mut wrk_requests = 0;
+    if rampart_tests::require_tool("metrics_count_every_request_by_class_cluster_and_backend", "wrk") {
+        let out = std::process::Command::new("wrk")
+            .args(["-t1", "-c4", "-d1s", "-H", "Host: app.test"])
+            .arg(format!("http://{listener}/"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        // "N requests in 1.00s": wrk stops its connections with requests in flight, which are
+        // not in N; wait for rampart's count to settle and read the difference from it.
+        let completed: u64 = text
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .split_once(" requests in ")
+                    .map(|(n, _)| n.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or_else(|| panic!("no request count in wrk's output: {text}"));
+        assert!(completed > 0, "{text}");
+        assert!(!text.contains("Non-2xx"), "{text}");
+        wrk_requests = completed;
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = metrics(&r, &[]);
+    let total = count(&m["totals"]["requests"]);
+    // Requests wrk abandoned when it stopped are finished too (as failed, without a status).
+    let app = series(&m, "", "app", "").unwrap_or_else(|| panic!("no series for app: {m}"));
+    let app_ok = count(&app["status_classes"][2]);
+    assert!(app_ok >= 7 + wrk_requests, "{app}");
+    let abandoned = total
+        .checked_sub(12 + wrk_requests)
+        .unwrap_or_else(|| panic!("fewer finished requests than answered: {m}"));
+    assert!(abandoned <= 4, "more finished requests than were sent: {m}");
+    assert_eq!(
+        app_ok + count(&app["status_classes"][0]),
+        7 + wrk_requests + abandoned,
+        "{app}"
+    );
+    let down = series(&m, "", "down", "").unwrap_or_else(|| panic!("no series for down: {m}"));
+    assert_eq!(count(&down["status_classes"][5]), 2, "{down}");
+    assert_eq!(count(&down["requests"]), 2, "{down}");
+    let on_listener = series(&m, &listener, "", "").unwrap();
+    assert_eq!(count(&on_listener["requests"]), total, "{on_listener}");
+    assert_eq!(count(&on_listener["status_classes"][4]), 3, "{on_listener}");
+    // The backend's own series, and its latency figures from the merged histograms.
+    let app_1 = series(&m, "", "app", "app-1").unwrap_or_else(|| panic!("no series for app-1: {m}"));
+    assert_eq!(count(&app_1["status_classes"][2]), app_ok);
+    let time = &app_1["request_time"];
+    assert_eq!(count(&time["total"]), count(&app_1["requests"]));
+    assert!(
+        count(&time["p50_us"]) > 0 && count(&time["p50_us"]) <= count(&time["p99_us"]),
+        "{time}"
+    );
+    assert!(count(&app_1["first_byte_time"]["total"]) > 0, "{app_1}");
+    // The first 502 met a refused connection; the second found that backend ejected (503).
+    assert!(count(&m["totals"]["backend_connect_errors"]) >= 1, "{m}");
+    assert!(count(&m["totals"]["connections_accepted"]) >= 12, "{m}");
+    assert_eq!(count(&m["processes"]), 2, "{m}");
+
+    // Filters.
+    let only = metrics(&r, &["--cluster", "down"]);
+    let clusters: Vec<&str> = only["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["cluster_id"].as_str().unwrap_or(""))
+        .collect();
+    assert!(!clusters.is_empty() && clusters.iter().all(|c| *c == "down"), "{only}");
+    let one = metrics(&r, &["--backend", "app-1"]);
+    assert_eq!(one["series"].as_array().unwrap().len(), 1, "{one}");
+    let table = r.ctl(&["metrics", "--cluster", "app"]);
+    assert!(table.contains("app-1") && table.contains("P99"), "{table}");
+
+    // A worker replaced: once it has exited, its figures are still in the totals, and the new
+    // one adds its own.
+    let workers: Value = serde_json::from_str(&r.ctl(&["workers", "--json"])).unwrap();
+    let old = workers["content"]["workers"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == 0)
+        .and_then(|w| w["pid"].as_i64())
+        .unwrap();
+    r.ctl(&["upgrade", "--worker", "0", "--grace", "5"]);
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while Path::new(&format!("/proc/{old}")).exists() {
+        assert!(Instant::now() < deadline, "the replaced worker did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..4 {
+        assert!(exchange("app.test", "/after").starts_with("HTTP/1.1 200"));
+    }
+    let after = wait_for(&r, total + 4);
+    assert_eq!(count(&series(&after, "", "down", "").unwrap()["status_classes"][5]), 2);
+    assert_eq!(
+        count(&series(&after, &listener, "", "").unwrap()["requests"]),
+        total + 4,
+        "{after}"
+    );
+}
