@@ -159,7 +159,7 @@ impl LinkMessage for HandoverToNew {
     fn expected_fds(&self) -> usize {
         use handover_to_new::Kind;
         match &self.kind {
-            Some(Kind::Listener(_) | Kind::CommandSocket(_)) => 1,
+            Some(Kind::Listener(_) | Kind::CommandSocket(_) | Kind::Prometheus(_)) => 1,
             Some(Kind::Begin(_) | Kind::Order(_) | Kind::Key(_) | Kind::End(_)) | None => 0,
         }
     }
@@ -172,6 +172,7 @@ impl LinkMessage for HandoverToNew {
             Some(Kind::Order(_)) => "order",
             Some(Kind::Listener(_)) => "listener",
             Some(Kind::CommandSocket(_)) => "command_socket",
+            Some(Kind::Prometheus(_)) => "prometheus",
             Some(Kind::Key(_)) => "key",
             Some(Kind::End(_)) => "end",
         }

@@ -248,12 +248,15 @@ pub struct MetricsSettings {
     /// Series (one per listener, cluster and backend that served) each worker keeps at most;
     /// requests beyond are counted in the totals and in `series_overflow`.
     pub max_series: u32,
+    /// Where the supervisor serves `GET /metrics` in Prometheus's text format.
+    pub prometheus: Option<String>,
 }
 
 impl Default for MetricsSettings {
     fn default() -> Self {
         MetricsSettings {
             max_series: defaults::METRICS_MAX_SERIES,
+            prometheus: None,
         }
     }
 }
@@ -618,6 +621,15 @@ impl Config {
                 "metrics.max_series",
                 None,
                 format!("{} is out of range: use 1 to 1000000", self.metrics.max_series),
+            ));
+        }
+        if let Some(address) = &self.metrics.prometheus
+            && address.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(self.value_error(
+                "metrics.prometheus",
+                None,
+                format!("`{address}` is not an address and port such as 127.0.0.1:9100"),
             ));
         }
         if self.worker_user.is_empty() || self.worker_group.is_empty() {
@@ -1230,6 +1242,12 @@ frontends = [
         assert_eq!(ok.timeouts.upgrade_grace, 5);
         let err = Config::parse(&format!("[metrics]\nmax_series = 0\n{text}"), &dir.join("rampart.toml")).unwrap_err();
         assert!(err.to_string().contains("metrics.max_series"), "{err}");
+        let err = Config::parse(
+            &format!("[metrics]\nprometheus = \"localhost\"\n{text}"),
+            &dir.join("rampart.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("metrics.prometheus"), "{err}");
         let err = Config::parse(&format!("[metrics]\nstatsd = 1\n{text}"), &dir.join("rampart.toml")).unwrap_err();
         assert!(err.to_string().contains("statsd"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);

@@ -185,3 +185,105 @@ fn metrics_count_every_request_by_class_cluster_and_backend() {
         "{after}"
     );
 }
+
+/// `[metrics] prometheus`: the merged figures in Prometheus's text format at `GET /metrics`,
+/// the same numbers `rampart metrics` gives, accepted by `promtool check metrics`; nothing else
+/// is served; the exporter's socket survives an upgrade.
+#[test]
+fn prometheus_serves_the_same_figures() {
+    let backend = EchoBackend::start();
+    let (port, exporter) = (free_port(), free_port());
+    let listener = format!("127.0.0.1:{port}");
+    let config = format!(
+        "{}[metrics]\nprometheus = \"127.0.0.1:{exporter}\"\n\n[sandbox]\nbackend_ports = [{b}]\n\n[[listeners]]\naddress = \"{listener}\"\n\n\
+         [clusters.app]\nbackends = [ {{ id = \"app-1\", address = \"127.0.0.1:{b}\" }} ]\nfrontends = [ {{ address = \"{listener}\", hostname = \"app.test\" }} ]\n",
+        config_head(Path::new("{dir}"), 2),
+        b = backend.port,
+    );
+    let r = Rampart::start_copied("metrics-prometheus", &config, &[]);
+    for i in 0..9 {
+        let host = if i % 3 == 0 { "nowhere.test" } else { "app.test" };
+        let reply = raw_exchange(
+            port,
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(10),
+        );
+        assert!(reply.starts_with("HTTP/1.1 "), "{reply}");
+    }
+    wait_for(&r, 9);
+    let scrape = |request: &str| raw_exchange(exporter, request.as_bytes(), Duration::from_secs(10));
+    let reply = scrape("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    assert!(reply.contains("Content-Type: text/plain; version=0.0.4"), "{reply}");
+    let body = &reply[reply.find("\r\n\r\n").unwrap() + 4..];
+    let value = |line: &str| -> u64 {
+        body.lines()
+            .find(|l| l.starts_with(line))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no `{line}` in the scrape:\n{body}"))
+    };
+    let m = metrics(&r, &[]);
+    let app = series(&m, "", "app", "").unwrap();
+    assert_eq!(value("rampart_requests_total "), 9);
+    assert_eq!(
+        value("rampart_cluster_requests_total{cluster=\"app\",class=\"2xx\"} "),
+        count(&app["status_classes"][2])
+    );
+    assert_eq!(
+        value("rampart_cluster_requests_total{cluster=\"app\",class=\"2xx\"} "),
+        6
+    );
+    assert_eq!(
+        value(&format!(
+            "rampart_listener_requests_total{{listener=\"{listener}\",class=\"4xx\"}} "
+        )),
+        3
+    );
+    assert_eq!(
+        value("rampart_backend_request_duration_seconds_count{cluster=\"app\",backend=\"app-1\"} "),
+        6
+    );
+    assert_eq!(
+        value("rampart_backend_request_duration_seconds_bucket{cluster=\"app\",backend=\"app-1\",le=\"+Inf\"} "),
+        6
+    );
+    // The format, checked by Prometheus's own tool.
+    if rampart_tests::require_tool("prometheus_serves_the_same_figures", "promtool") {
+        use std::io::Write;
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Only GET /metrics.
+    assert!(scrape("POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").starts_with("HTTP/1.1 405"));
+    assert!(scrape("GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+    assert!(scrape(&format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10_000))).starts_with("HTTP/1.1 431"));
+    // A scraper that sends nothing does not hold the exporter up.
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", exporter)).unwrap();
+    assert!(scrape("GET /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
+
+    // An upgrade hands the exporter's socket over: it answers, from the new supervisor.
+    let before = r.supervisor_pid();
+    r.ctl(&["upgrade"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r.supervisor_pid() == before {
+        assert!(Instant::now() < deadline, "the upgrade did not complete");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let reply = scrape("GET /metrics HTTP/1.1\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    assert!(reply.contains("rampart_requests_total"), "{reply}");
+}

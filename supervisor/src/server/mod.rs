@@ -12,6 +12,7 @@ mod dispatch;
 mod fanout;
 mod keys;
 mod metrics;
+mod prometheus;
 mod query;
 mod rejail;
 mod resources;
@@ -273,6 +274,8 @@ pub struct Supervisor {
     retiring: Vec<Retiring>,
     /// The workers' figures, merged.
     metrics: metrics::MetricsStore,
+    /// `GET /metrics`, when `metrics.prometheus` is set.
+    prometheus: Option<prometheus::Exporter>,
     /// Where every acknowledged change is saved, when configured.
     saved_state: Option<PathBuf>,
     /// What the supervisor's own narrowing holds (see `start::narrow`).
@@ -331,6 +334,10 @@ impl Supervisor {
             for (token, readable, writable) in tokens {
                 match token {
                     COMMAND => self.accept_clients(),
+                    prometheus::PROMETHEUS => self.prometheus_accept(),
+                    Token(t) if (prometheus::SCRAPE_BASE..WORKER_BASE).contains(&t) => {
+                        self.prometheus_event(t - prometheus::SCRAPE_BASE)
+                    }
                     UPGRADE => self.upgrade_message(),
                     SIGNALS => {
                         if let Some(code) = self.handle_signals() {
@@ -373,6 +380,7 @@ impl Supervisor {
             return Some(code);
         }
         self.watch_upgrade(None);
+        self.prometheus_tick(now);
         self.audit.tick();
         if now.duration_since(self.ticket_key_made) > TICKET_KEY_LIFETIME {
             self.rotate_ticket_key(now);

@@ -21,6 +21,8 @@ pub(super) struct Resources {
     pub(super) listeners: BTreeMap<String, Vec<OwnedFd>>,
     pub(super) audit: Auditor,
     pub(super) self_exe: OwnedFd,
+    /// The Prometheus exporter's socket, when configured.
+    pub(super) prometheus: Option<OwnedFd>,
 }
 
 impl Resources {
@@ -31,6 +33,7 @@ impl Resources {
         config: &Config,
         handed: BTreeMap<String, BTreeMap<u32, OwnedFd>>,
         command: OwnedFd,
+        prometheus: Option<OwnedFd>,
     ) -> Result<Resources, StartError> {
         let (poll, signals) = event_loop()?;
         let command = UnixListener::from_std(std::os::unix::net::UnixListener::from(command));
@@ -39,6 +42,20 @@ impl Resources {
             .into_iter()
             .map(|(address, fds)| (address, fds.into_values().collect()))
             .collect();
+        // The exporter's socket is taken over when the configuration still names its address;
+        // one configured now (or at another address) is bound here, one no longer configured
+        // is closed.
+        let prometheus = match &config.metrics.prometheus {
+            Some(address) => {
+                let wanted = address.parse::<std::net::SocketAddr>().ok();
+                let handed = prometheus.filter(|fd| bound_to(fd, wanted));
+                match handed {
+                    Some(fd) => Some(fd),
+                    None => Some(bind_listener(address)?),
+                }
+            }
+            None => None,
+        };
         let audit = Auditor::open(config).map_err(StartError::Audit)?;
         let self_exe = std::fs::File::open("/proc/self/exe").map_err(StartError::SelfExe)?;
         Ok(Resources {
@@ -48,6 +65,7 @@ impl Resources {
             listeners,
             audit,
             self_exe: OwnedFd::from(self_exe),
+            prometheus,
         })
     }
 
@@ -80,6 +98,10 @@ impl Resources {
                 resources::ensure_sole_listener(address, &own, resources::CRASHED_OWNER_GRACE)?;
             }
         }
+        let prometheus = match &config.metrics.prometheus {
+            Some(address) => Some(bind_listener(address)?),
+            None => None,
+        };
         let audit = Auditor::open(config).map_err(StartError::Audit)?;
         let self_exe = std::fs::File::open("/proc/self/exe").map_err(StartError::SelfExe)?;
         Ok(Resources {
@@ -89,8 +111,15 @@ impl Resources {
             listeners,
             audit,
             self_exe: OwnedFd::from(self_exe),
+            prometheus,
         })
     }
+}
+
+/// Whether a listening socket is bound to `wanted`.
+fn bound_to(fd: &OwnedFd, wanted: Option<std::net::SocketAddr>) -> bool {
+    let Ok(copy) = fd.try_clone() else { return false };
+    std::net::TcpListener::from(copy).local_addr().ok() == wanted
 }
 
 /// The signals the supervisor handles, blocked and read from a signalfd, and the event loop
@@ -269,7 +298,8 @@ impl Supervisor {
                 .command
                 .take()
                 .ok_or(StartError::Handover(upgrade::HandoverError::NoCommandSocket))?;
-            let resources = Resources::adopt(&config, listeners, command)?;
+            let prometheus = handover.prometheus.take();
+            let resources = Resources::adopt(&config, listeners, command, prometheus)?;
             let (launch, worker_uid) = worker_launch(&config, sandbox_off);
             let mut supervisor = Supervisor::assemble(config, state, vault, resources, launch, worker_uid, log)?;
             supervisor.ticket_key.clone_from(&handover.begin.ticket_key);
@@ -342,6 +372,22 @@ impl Supervisor {
             })
             .collect();
         let state_hash = state.hash_hex();
+        let prometheus = match resources.prometheus {
+            Some(fd) => {
+                let mut listener = mio::net::TcpListener::from_std(std::net::TcpListener::from(fd));
+                let address = listener
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| config.metrics.prometheus.clone().unwrap_or_default());
+                resources
+                    .poll
+                    .registry()
+                    .register(&mut listener, super::prometheus::PROMETHEUS, Interest::READABLE)
+                    .map_err(StartError::Poll)?;
+                Some(super::prometheus::Exporter::new(listener, address))
+            }
+            None => None,
+        };
         Ok(Supervisor {
             command_path: config.command_socket.clone(),
             saved_state: config.saved_state_path(),
@@ -370,6 +416,7 @@ impl Supervisor {
             state_hash,
             retiring: Vec::new(),
             metrics: Default::default(),
+            prometheus,
             supervisor_jail: proto::JailReport::default(),
             landlock_paths: Vec::new(),
             binary_path: std::fs::read_link("/proc/self/exe").map_err(StartError::SelfExe)?,
@@ -400,6 +447,10 @@ impl Supervisor {
         if sandbox_off {
             self.log
                 .warn("WORKERS RUN WITHOUT THEIR JAIL (--sandbox-off): for measurements only");
+        }
+        if let Some(exporter) = &self.prometheus {
+            self.log
+                .info(&format!("Prometheus metrics on http://{}/metrics", exporter.address));
         }
         self.audit.system(
             "supervisor_start",

@@ -61,6 +61,7 @@ pub(super) struct Handover {
     /// By address, the sockets by slot.
     pub(super) listeners: BTreeMap<String, BTreeMap<u32, OwnedFd>>,
     pub(super) command: Option<OwnedFd>,
+    pub(super) prometheus: Option<OwnedFd>,
     pub(super) keys: Vec<(String, String)>,
 }
 
@@ -99,6 +100,7 @@ pub(super) fn receive(channel: &Channel) -> Result<Handover, HandoverError> {
     let mut requests = Vec::new();
     let mut listeners: BTreeMap<String, BTreeMap<u32, OwnedFd>> = BTreeMap::new();
     let mut command = None;
+    let mut prometheus = None;
     let mut keys = Vec::new();
     let mut assembler = rampart_command::channel::OrderAssembler::default();
     loop {
@@ -131,6 +133,7 @@ pub(super) fn receive(channel: &Channel) -> Result<Handover, HandoverError> {
                 }
             }
             Some(H::CommandSocket(_)) => command = fds.next(),
+            Some(H::Prometheus(_)) => prometheus = fds.next(),
             Some(H::Key(k)) => keys.push((k.fingerprint, String::from_utf8_lossy(&k.key).into_owned())),
             Some(H::End(_)) => break,
             None => return Err(HandoverError::OutOfOrder("none")),
@@ -145,6 +148,7 @@ pub(super) fn receive(channel: &Channel) -> Result<Handover, HandoverError> {
         requests,
         listeners,
         command,
+        prometheus,
         keys,
     })
 }
@@ -300,6 +304,11 @@ impl Supervisor {
             }
         }
         channel.send(&message(H::CommandSocket(proto::Empty {})), &[self.command.as_fd()])?;
+        if let Some(exporter) = &mut self.prometheus {
+            channel.send(&message(H::Prometheus(proto::Empty {})), &[exporter.listener.as_fd()])?;
+            // Scrapes wait in its queue for whichever supervisor serves next.
+            let _ = self.poll.registry().deregister(&mut exporter.listener);
+        }
         for (fingerprint, file) in &self.vault {
             // The message's copies of the key are wiped when freed, like every block here.
             let Ok(key) = file.with_key(<[u8]>::to_vec) else {
@@ -443,6 +452,12 @@ impl Supervisor {
             .poll
             .registry()
             .register(&mut self.command, COMMAND, Interest::READABLE);
+        if let Some(exporter) = &mut self.prometheus {
+            let _ = self
+                .poll
+                .registry()
+                .register(&mut exporter.listener, prometheus::PROMETHEUS, Interest::READABLE);
+        }
         // Connections that arrived meanwhile wait in the queue.
         self.accept_clients();
         if self.client_serial(upgrade.client) == Some(upgrade.serial) {

@@ -475,7 +475,9 @@ impl HttpSession {
                     _ => self.run(ctx),
                 }
             }
-            Phase::Forward if self.resp.is_initial() && self.resp.storage.is_empty() => {
+            // No final response begun (nothing, or only an interim 100 Continue, was sent to
+            // the client): a 504 is still a valid answer.
+            Phase::Forward if self.resp.is_initial() && self.response_code == 0 && self.resp.out.is_empty() => {
                 self.start_answer(ctx, 504, true, None);
                 self.run(ctx)
             }
