@@ -52,6 +52,8 @@ pub mod defaults {
     pub const TLS_HANDSHAKE_TIMEOUT: u32 = 10;
     /// How long a soft stop (or SIGTERM) lets in-flight requests finish.
     pub const SHUTDOWN_GRACE: u32 = 30;
+    /// What statsd names start with.
+    pub const STATSD_PREFIX: &str = "rampart";
     /// Metric series (listener, cluster, backend) each worker keeps at most.
     pub const METRICS_MAX_SERIES: u32 = 4096;
     /// Tunnels of retired workers run for at most ten minutes after an upgrade.
@@ -250,6 +252,11 @@ pub struct MetricsSettings {
     pub max_series: u32,
     /// Where the supervisor serves `GET /metrics` in Prometheus's text format.
     pub prometheus: Option<String>,
+    /// Where the supervisor sends statsd lines (IP:PORT, UDP).
+    pub statsd: Option<String>,
+    pub statsd_prefix: String,
+    /// DogStatsD tags instead of labels in the names.
+    pub statsd_tags: bool,
 }
 
 impl Default for MetricsSettings {
@@ -257,6 +264,9 @@ impl Default for MetricsSettings {
         MetricsSettings {
             max_series: defaults::METRICS_MAX_SERIES,
             prometheus: None,
+            statsd: None,
+            statsd_prefix: defaults::STATSD_PREFIX.into(),
+            statsd_tags: false,
         }
     }
 }
@@ -631,6 +641,11 @@ impl Config {
                 None,
                 format!("`{address}` is not an address and port such as 127.0.0.1:9100"),
             ));
+        }
+        if let Some(address) = &self.metrics.statsd
+            && let Err(e) = crate::metrics::check_statsd(address, &self.metrics.statsd_prefix)
+        {
+            return Err(self.value_error("metrics.statsd", None, e));
         }
         if self.worker_user.is_empty() || self.worker_group.is_empty() {
             return Err(self.value_error(
@@ -1248,6 +1263,12 @@ frontends = [
         )
         .unwrap_err();
         assert!(err.to_string().contains("metrics.prometheus"), "{err}");
+        let err = Config::parse(
+            &format!("[metrics]\nstatsd = \"127.0.0.1:8125\"\nstatsd_prefix = \"a b\"\n{text}"),
+            &dir.join("rampart.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("prefix"), "{err}");
         let err = Config::parse(&format!("[metrics]\nstatsd = 1\n{text}"), &dir.join("rampart.toml")).unwrap_err();
         assert!(err.to_string().contains("statsd"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);

@@ -123,7 +123,7 @@ pub fn kind_info(kind: &Kind) -> &'static KindInfo {
         Kind::Status(_) => &const { query("status") },
         Kind::ListWorkers(_) => &const { query("list_workers") },
         Kind::QueryMetrics(_) => &const { query("query_metrics") },
-        Kind::ConfigureMetrics(_) => &const { row("configure_metrics", false, true, Operator, Handler::NotAvailable) },
+        Kind::ConfigureMetrics(_) => &const { control("configure_metrics", Operator) },
         Kind::SetLoggingLevel(_) => &const { control("set_logging_level", Operator) },
         Kind::SubscribeEvents(_) => &const { row("subscribe_events", false, false, Auditor, Handler::NotAvailable) },
         Kind::SoftStop(_) => &const { control("soft_stop", Admin) },

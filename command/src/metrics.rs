@@ -129,6 +129,26 @@ impl Buckets {
     }
 }
 
+/// Checks a statsd target: an IP address and port, and a prefix of letters, digits, `_`, `-`
+/// and `.`.
+pub fn check_statsd(address: &str, prefix: &str) -> Result<(), String> {
+    if address.parse::<std::net::SocketAddr>().is_err() {
+        return Err(format!(
+            "statsd address `{address}` is not an IP address and port such as 127.0.0.1:8125"
+        ));
+    }
+    if prefix.is_empty()
+        || !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        return Err(format!(
+            "statsd prefix `{prefix}` must be letters, digits, `_`, `-` and `.` only"
+        ));
+    }
+    Ok(())
+}
+
 /// The key of a series: (listener, cluster, backend), the unused parts empty.
 pub type SeriesKey = (String, String, String);
 

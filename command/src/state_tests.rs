@@ -470,12 +470,13 @@ fn arb_kind(depth: u32) -> BoxedStrategy<Kind> {
                 })
             })
             .boxed(),
-        (any::<bool>(), s(), s())
-            .prop_map(|(enabled, statsd_address, prefix)| {
+        (any::<bool>(), s(), s(), any::<bool>())
+            .prop_map(|(enabled, statsd_address, prefix, dogstatsd_tags)| {
                 Kind::ConfigureMetrics(proto::MetricsConfig {
                     enabled,
                     statsd_address,
                     prefix,
+                    dogstatsd_tags,
                 })
             })
             .boxed(),

@@ -287,3 +287,91 @@ fn prometheus_serves_the_same_figures() {
     assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
     assert!(reply.contains("rampart_requests_total"), "{reply}");
 }
+
+/// statsd from the configuration file, then switched at runtime (`rampart statsd`): the
+/// counter increments a statsd listener receives add up to exactly what `rampart metrics`
+/// says; `--off` stops them; a bad address is refused with the reason; each change is audited.
+#[test]
+fn statsd_receives_what_the_metrics_count() {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let statsd = udp.local_addr().unwrap();
+    let backend = EchoBackend::start();
+    let port = free_port();
+    let listener = format!("127.0.0.1:{port}");
+    let config = format!(
+        "{}[metrics]\nstatsd = \"{statsd}\"\nstatsd_prefix = \"edge\"\n\n[sandbox]\nbackend_ports = [{b}]\n\n[[listeners]]\naddress = \"{listener}\"\n\n\
+         [clusters.app]\nbackends = [ {{ address = \"127.0.0.1:{b}\" }} ]\nfrontends = [ {{ address = \"{listener}\", hostname = \"app.test\" }} ]\n",
+        config_head(Path::new("{dir}"), 2),
+        b = backend.port,
+    );
+    let r = Rampart::start("metrics-statsd", &config);
+    let send = |n: usize, host: &str| {
+        for _ in 0..n {
+            let reply = raw_exchange(
+                port,
+                format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+                Duration::from_secs(10),
+            );
+            assert!(reply.starts_with("HTTP/1.1 "), "{reply}");
+        }
+    };
+    // Sums the counters received until `name` reaches `want` (or 6 s pass).
+    let collect = |sums: &mut std::collections::HashMap<String, u64>, name: &str, want: u64| {
+        let deadline = Instant::now() + Duration::from_secs(6);
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline && sums.get(name).copied().unwrap_or(0) < want {
+            let Ok(n) = udp.recv(&mut buf) else { continue };
+            for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                if let Some((key, rest)) = line.split_once(':')
+                    && let Some(value) = rest.strip_suffix("|c")
+                {
+                    *sums.entry(key.to_string()).or_default() += value.parse::<u64>().unwrap();
+                }
+            }
+        }
+    };
+    send(6, "app.test");
+    send(2, "nowhere.test");
+    wait_for(&r, 8);
+    let mut sums = std::collections::HashMap::new();
+    collect(&mut sums, "edge.requests", 8);
+    // One more second: nothing is counted twice.
+    std::thread::sleep(Duration::from_millis(1200));
+    collect(&mut sums, "edge.never", 1);
+    let m = metrics(&r, &[]);
+    assert_eq!(
+        sums.get("edge.requests").copied(),
+        Some(count(&m["totals"]["requests"])),
+        "{sums:?}"
+    );
+    assert_eq!(sums.get("edge.cluster.app.requests.2xx").copied(), Some(6), "{sums:?}");
+    let listener_key = format!("edge.listener.{}.requests.4xx", listener.replace(['.', ':'], "_"));
+    assert_eq!(sums.get(&listener_key).copied(), Some(2), "{sums:?}");
+
+    // At runtime: a bad address is refused; off stops the lines; on again with another prefix.
+    let err = r.try_ctl(&["statsd", "--address", "localhost:8125"]).unwrap_err();
+    assert!(err.contains("not an IP address and port"), "{err}");
+    let out = r.ctl(&["statsd", "--off", "--json"]);
+    assert!(out.contains("stopped"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    while udp.recv(&mut [0u8; 2048]).is_ok() {}
+    send(1, "app.test");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(udp.recv(&mut [0u8; 2048]).is_err(), "statsd lines after --off");
+    let out = r.ctl(&["statsd", "--address", &statsd.to_string(), "--prefix", "other"]);
+    assert!(out.contains("prefix `other`"), "{out}");
+    let mut again = std::collections::HashMap::new();
+    collect(&mut again, "other.requests", 9);
+    // A new emitter starts from the merged totals: everything so far, once.
+    assert_eq!(again.get("other.requests").copied(), Some(9), "{again:?}");
+    let records = r.audit_records();
+    assert!(
+        records
+            .iter()
+            .filter(|rec| rec["stage"] == "completed" && rec.to_string().contains("configure_metrics"))
+            .count()
+            >= 2,
+        "statsd changes are not in the trail"
+    );
+}

@@ -146,6 +146,26 @@ pub enum ClientCommand {
         /// A filter such as `info` or `debug`.
         filter: String,
     },
+    /// Send the merged metrics to statsd (IP:PORT over UDP, every second), or stop.
+    Statsd {
+        /// Where to send, such as 127.0.0.1:8125.
+        #[arg(
+            long,
+            value_name = "IP:PORT",
+            required_unless_present = "off",
+            conflicts_with = "off"
+        )]
+        address: Option<String>,
+        /// Prefix of every name (default: rampart).
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// DogStatsD tags for the labels.
+        #[arg(long)]
+        tags: bool,
+        /// Stop sending.
+        #[arg(long)]
+        off: bool,
+    },
     /// Query the workers' metrics.
     Metrics {
         /// Only the series of this cluster (and of its backends).
@@ -189,6 +209,17 @@ pub(super) fn to_request(command: &ClientCommand) -> Result<Option<Request>, Cli
             grace_seconds: grace.unwrap_or(0),
         }),
         ClientCommand::HealthCheck { action } => health_check_kind(action),
+        ClientCommand::Statsd {
+            address,
+            prefix,
+            tags,
+            off,
+        } => Kind::ConfigureMetrics(proto::MetricsConfig {
+            enabled: !off,
+            statsd_address: address.clone().unwrap_or_default(),
+            prefix: prefix.clone(),
+            dogstatsd_tags: *tags,
+        }),
         ClientCommand::Policy => Kind::ShowPolicy(proto::Empty {}),
         ClientCommand::ReloadPolicy => Kind::ReloadPolicy(proto::Empty {}),
         ClientCommand::Logging { filter } => Kind::SetLoggingLevel(proto::LoggingLevel { filter: filter.clone() }),

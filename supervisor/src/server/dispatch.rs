@@ -243,6 +243,7 @@ impl Supervisor {
             Some(Kind::UpgradeWorker(w)) => self.upgrade_worker(w.id, w.grace_seconds),
             Some(Kind::SoftStop(s)) => Ok(self.begin_stop(Some(self.shutdown_grace(s.grace_seconds)))),
             Some(Kind::HardStop(_)) => Ok(self.begin_stop(None)),
+            Some(Kind::ConfigureMetrics(m)) => self.configure_metrics(m),
             Some(Kind::ReloadPolicy(_)) => self.audit.reload_policy().map_err(|e| e.to_string()),
             Some(Kind::SetLoggingLevel(level)) => self
                 .log

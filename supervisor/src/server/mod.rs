@@ -17,6 +17,7 @@ mod query;
 mod rejail;
 mod resources;
 mod start;
+mod statsd;
 mod upgrade;
 mod workers;
 
@@ -81,6 +82,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub enum StartError {
     #[error("{0}")]
     Config(#[from] rampart_command::config::ConfigError),
+    #[error("metrics.statsd: {0}")]
+    Statsd(String),
     #[error("cannot bind listener {address}: {source}")]
     Bind { address: String, source: nix::Error },
     #[error("cannot create the command socket {}: {source}", path.display())]
@@ -276,6 +279,8 @@ pub struct Supervisor {
     metrics: metrics::MetricsStore,
     /// `GET /metrics`, when `metrics.prometheus` is set.
     prometheus: Option<prometheus::Exporter>,
+    /// Where statsd lines go, when set (configuration or `configure_metrics`).
+    statsd: Option<statsd::Statsd>,
     /// Where every acknowledged change is saved, when configured.
     saved_state: Option<PathBuf>,
     /// What the supervisor's own narrowing holds (see `start::narrow`).
@@ -381,6 +386,10 @@ impl Supervisor {
         }
         self.watch_upgrade(None);
         self.prometheus_tick(now);
+        if let Some(statsd) = &mut self.statsd {
+            let metrics = &self.metrics;
+            statsd.tick(now, || metrics.report("", ""));
+        }
         self.audit.tick();
         if now.duration_since(self.ticket_key_made) > TICKET_KEY_LIFETIME {
             self.rotate_ticket_key(now);
@@ -487,6 +496,30 @@ impl Supervisor {
             self.config.timeouts.upgrade_grace
         };
         Duration::from_secs(u64::from(seconds))
+    }
+
+    /// `configure_metrics`: statsd on (to an address, with a prefix) or off, from now on.
+    fn configure_metrics(&mut self, m: &proto::MetricsConfig) -> Result<String, String> {
+        if !m.enabled {
+            return Ok(match self.statsd.take() {
+                Some(s) => format!("statsd to {} stopped", s.address),
+                None => "statsd was not configured".into(),
+            });
+        }
+        let prefix = if m.prefix.is_empty() {
+            rampart_command::config::defaults::STATSD_PREFIX
+        } else {
+            &m.prefix
+        };
+        let statsd = statsd::Statsd::open(&m.statsd_address, prefix, m.dogstatsd_tags)?;
+        let message = format!(
+            "statsd to {} with prefix `{prefix}`{}, every second",
+            m.statsd_address,
+            if m.dogstatsd_tags { " and DogStatsD tags" } else { "" }
+        );
+        self.log.info(&message);
+        self.statsd = Some(statsd);
+        Ok(message)
     }
 
     /// Starts a soft (draining for `grace`) or hard (`None`) stop. Returns what the stop does,

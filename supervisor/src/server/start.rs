@@ -372,6 +372,13 @@ impl Supervisor {
             })
             .collect();
         let state_hash = state.hash_hex();
+        let statsd = match &config.metrics.statsd {
+            Some(address) => Some(
+                super::statsd::Statsd::open(address, &config.metrics.statsd_prefix, config.metrics.statsd_tags)
+                    .map_err(StartError::Statsd)?,
+            ),
+            None => None,
+        };
         let prometheus = match resources.prometheus {
             Some(fd) => {
                 let mut listener = mio::net::TcpListener::from_std(std::net::TcpListener::from(fd));
@@ -417,6 +424,7 @@ impl Supervisor {
             retiring: Vec::new(),
             metrics: Default::default(),
             prometheus,
+            statsd,
             supervisor_jail: proto::JailReport::default(),
             landlock_paths: Vec::new(),
             binary_path: std::fs::read_link("/proc/self/exe").map_err(StartError::SelfExe)?,
