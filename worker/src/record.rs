@@ -256,7 +256,9 @@ impl Records {
     /// The reports to send: the totals and every series that changed since the last call,
     /// in pieces that fit the channel. Empty when nothing changed (and `force` is false).
     pub fn reports(&mut self, active: usize, force: bool) -> Vec<MetricsReport> {
-        if !self.changed && !force {
+        // Connections that close without finishing a request change nothing else: the
+        // gauge of open connections is reason enough to report.
+        if !self.changed && !force && self.totals.connections_active == active as u64 {
             return Vec::new();
         }
         self.changed = false;
@@ -355,5 +357,76 @@ mod tests {
                 .summary()
                 .starts_with("3 request(s) finished (2xx 1, 3xx 0, 4xx 1")
         );
+        // A listener, a cluster and a backend series; the report carries them once, then
+        // nothing until something changes.
+        let reports = records.reports(5, false);
+        assert_eq!(reports.len(), 1);
+        let report = &reports[0];
+        assert_eq!(report.series.len(), 3);
+        let cluster = report
+            .series
+            .iter()
+            .find(|s| s.cluster_id == "a" && s.backend_id.is_empty())
+            .unwrap();
+        assert_eq!(cluster.status_classes, vec![1, 0, 1, 0, 1, 0]);
+        assert_eq!(cluster.request_time.as_ref().unwrap().total, 3);
+        assert_eq!(cluster.connect_time.as_ref().unwrap().total, 3);
+        assert_eq!(report.totals.as_ref().unwrap().requests, 3);
+        assert_eq!(report.totals.as_ref().unwrap().connections_active, 5);
+        assert!(records.reports(5, false).is_empty());
+        // Only the number of open connections moved: a report with the totals alone.
+        let moved = records.reports(2, false);
+        assert_eq!(moved.len(), 1);
+        assert!(moved[0].series.is_empty());
+        assert_eq!(moved[0].totals.as_ref().unwrap().connections_active, 2);
+    }
+
+    fn record<'a>(cluster: &'a str, backend: Option<&'a str>, now: Instant) -> RequestRecord<'a> {
+        RequestRecord {
+            carrier: Carrier::Http1,
+            listener: "l",
+            cluster: Some(cluster),
+            backend,
+            status: 200,
+            began: now,
+            finished: now + Duration::from_millis(2),
+            bytes_in: 1,
+            bytes_out: 1,
+            failure: None,
+            connect_time: None,
+            first_byte_time: Some(Duration::from_millis(1)),
+        }
+    }
+
+    #[test]
+    fn series_beyond_the_cap_are_counted_not_kept() {
+        let now = Instant::now();
+        let mut records = Records::new(2);
+        let names: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+        for name in &names {
+            records.finish(&record(name, None, now));
+        }
+        // The listener and the first cluster fit; nine clusters did not.
+        assert_eq!(records.series, 2);
+        assert_eq!(records.totals.series_overflow, 9);
+        assert_eq!(records.totals.requests, 10);
+        let report = records.reports(0, false);
+        assert_eq!(report.iter().map(|r| r.series.len()).sum::<usize>(), 2);
+    }
+
+    #[test]
+    fn a_large_report_comes_in_pieces_that_fit_the_channel() {
+        let now = Instant::now();
+        let mut records = Records::new(10_000);
+        let names: Vec<String> = (0..3000).map(|i| format!("cluster-{i}")).collect();
+        for name in &names {
+            records.finish(&record(name, Some("b"), now));
+        }
+        let reports = records.reports(0, false);
+        assert!(reports.len() > 1);
+        for r in &reports {
+            assert!(prost::Message::encoded_len(r) < rampart_command::channel::MAX_MESSAGE - 1024);
+        }
+        assert_eq!(reports.iter().map(|r| r.series.len()).sum::<usize>(), 1 + 3000 * 2);
     }
 }
