@@ -659,3 +659,45 @@ impl SilentBackend {
         }
     }
 }
+
+/// A TCP backend that echoes every byte back, on a free port.
+pub fn tcp_echo() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut s = stream;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+impl Rampart {
+    /// Sends one request, as protobuf frames, straight to the command socket (for what the CLI
+    /// would refuse before sending) and returns the response.
+    pub fn send_request(&self, kind: rampart_command::proto::request::Kind) -> rampart_command::proto::Response {
+        use std::io::Write;
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let request = rampart_command::proto::Request {
+            id: "raw".into(),
+            kind: Some(kind),
+        };
+        stream
+            .write_all(&rampart_command::framing::encode_frame(&request))
+            .unwrap();
+        let mut reader = rampart_command::framing::FrameReader::default();
+        reader.read_message(&mut stream).unwrap().unwrap()
+    }
+}

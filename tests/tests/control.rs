@@ -135,18 +135,8 @@ for t in threads:
 
 fn status_round_trip(r: &Rampart) -> Duration {
     use rampart_command::proto;
-    use std::io::Write;
     let began = Instant::now();
-    let mut stream = std::os::unix::net::UnixStream::connect(&r.socket).unwrap();
-    let request = proto::Request {
-        id: "probe".into(),
-        kind: Some(proto::request::Kind::Status(proto::Empty {})),
-    };
-    stream
-        .write_all(&rampart_command::framing::encode_frame(&request))
-        .unwrap();
-    let mut reader = rampart_command::framing::FrameReader::default();
-    let response: proto::Response = reader.read_message(&mut stream).unwrap().unwrap();
+    let response = r.send_request(proto::request::Kind::Status(proto::Empty {}));
     assert_eq!(
         response.status,
         proto::ResponseStatus::Ok as i32,

@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rampart_tests::{EchoBackend, Rampart, config_head, free_port};
+use rampart_tests::{EchoBackend, Rampart, config_head, free_port, tcp_echo};
 use serde_json::Value;
 
 fn worker_pid(r: &Rampart, id: u64) -> Option<i64> {
@@ -146,25 +146,6 @@ fn a_retired_worker_closes_keep_alive_connections_between_requests() {
     r.assert_audit_verifies();
 }
 
-fn tcp_echo() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = stream;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
 #[test]
 fn tunnels_run_until_the_grace_period_and_are_counted() {
     let echo = EchoBackend::start();
@@ -201,13 +182,14 @@ fn tunnels_run_until_the_grace_period_and_are_counted() {
     // Out of range, refused by the command line and, sent raw, by the supervisor.
     let err = r.try_ctl(&["upgrade", "--worker", "0", "--grace", "0"]).unwrap_err();
     assert!(err.contains("--grace"), "{err}");
-    let refused = raw_request(
-        &r,
-        rampart_command::proto::request::Kind::UpgradeWorker(rampart_command::proto::UpgradeWorker {
+    let response = r.send_request(rampart_command::proto::request::Kind::UpgradeWorker(
+        rampart_command::proto::UpgradeWorker {
             id: 0,
             grace_seconds: 90_000,
-        }),
-    );
+        },
+    ));
+    assert_eq!(response.status, rampart_command::proto::ResponseStatus::Failure as i32);
+    let refused = response.message;
     assert!(refused.contains("grace_seconds 90000 is out of range"), "{refused}");
     assert_eq!(worker_pid(&r, 0), Some(old), "a refused upgrade replaced the worker");
 
@@ -259,26 +241,4 @@ fn tunnels_run_until_the_grace_period_and_are_counted() {
         "no completed record naming the grace period"
     );
     r.assert_audit_verifies();
-}
-
-fn raw_request(r: &Rampart, kind: rampart_command::proto::request::Kind) -> String {
-    use rampart_command::proto;
-    let mut stream = std::os::unix::net::UnixStream::connect(&r.socket).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let request = proto::Request {
-        id: "raw".into(),
-        kind: Some(kind),
-    };
-    stream
-        .write_all(&rampart_command::framing::encode_frame(&request))
-        .unwrap();
-    let mut reader = rampart_command::framing::FrameReader::default();
-    let response: proto::Response = reader.read_message(&mut stream).unwrap().unwrap();
-    assert_eq!(
-        response.status,
-        proto::ResponseStatus::Failure as i32,
-        "{}",
-        response.message
-    );
-    response.message
 }

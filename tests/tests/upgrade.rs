@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rampart_tests::{EchoBackend, Rampart, config_head, free_port, raw_exchange, require_tool};
+use rampart_tests::{EchoBackend, Rampart, config_head, free_port, raw_exchange, require_tool, tcp_echo};
 use serde_json::Value;
 
 fn config(port: u16, backend: u16, workers: u16) -> String {
@@ -420,27 +420,6 @@ fn a_backend_on_a_new_port_rejails_the_workers() {
     }
     assert!(r.audit_records().iter().any(|x| x["action"] == "workers_rejailed"));
     r.assert_audit_verifies();
-}
-
-/// A TCP echo server on a free port.
-fn tcp_echo() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let mut s = stream;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    port
 }
 
 /// Item 2: a WebSocket-style tunnel (after a 101) and a TCP-proxied connection opened before an

@@ -113,12 +113,13 @@ impl Supervisor {
     }
 
     pub(super) fn prometheus_event(&mut self, key: usize) {
-        let report = self.metrics.report("", "");
+        let metrics = &self.metrics;
         let Some(exporter) = &mut self.prometheus else { return };
         let Some(scrape) = exporter.scrapes.get_mut(key) else {
             return;
         };
-        let done = serve(scrape, || render(&report));
+        // The figures are merged once per scrape, when its head is complete.
+        let done = serve(scrape, || render(&metrics.report("", "")));
         if done && let Some(mut scrape) = exporter.scrapes.try_remove(key) {
             let _ = self.poll.registry().deregister(&mut scrape.stream);
         }

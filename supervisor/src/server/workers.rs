@@ -134,19 +134,7 @@ impl Supervisor {
         if let Some(index) = self.retiring.iter().position(|r| r.pid == pid) {
             let r = self.retiring.swap_remove(index);
             // Its last words wait in the channel: log lines (the drain's end) are passed on.
-            while let Ok(Some(received)) = r.channel.recv::<WorkerToSupervisor>() {
-                if let Some(worker_to_supervisor::Kind::Metrics(report)) = received.message.kind {
-                    self.metrics.update(pid.as_raw(), report);
-                } else if let Some(worker_to_supervisor::Kind::Log(line)) = received.message.kind {
-                    let text = format!("replaced {} (pid {pid}): {}", line.target, line.message);
-                    match line.level {
-                        rampart_worker::LOG_ERROR => self.log.error(&text),
-                        rampart_worker::LOG_WARN => self.log.warn(&text),
-                        _ => self.log.info(&text),
-                    }
-                }
-            }
-            self.metrics.ended(pid.as_raw());
+            last_words(&r.channel, pid, &mut self.metrics, Some(&mut self.log));
             let message = format!("replaced worker {} (pid {pid}) {how}", r.id);
             self.log.info(&message);
             self.audit.system("worker_retired", &message);
@@ -160,13 +148,10 @@ impl Supervisor {
         if let Some(channel) = slot.channel.take() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&channel.as_raw_fd()));
             // Its last report may still wait in the channel.
-            while let Ok(Some(received)) = channel.recv::<WorkerToSupervisor>() {
-                if let Some(worker_to_supervisor::Kind::Metrics(report)) = received.message.kind {
-                    self.metrics.update(pid.as_raw(), report);
-                }
-            }
+            last_words(&channel, pid, &mut self.metrics, None);
+        } else {
+            self.metrics.ended(pid.as_raw());
         }
-        self.metrics.ended(pid.as_raw());
         if let Some(err) = slot.stderr.take() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&err.as_raw_fd()));
         }
@@ -373,12 +358,7 @@ impl Supervisor {
                     }
                 }
                 Some(worker_to_supervisor::Kind::Log(line)) => {
-                    let text = format!("{}: {}", line.target, line.message);
-                    match line.level {
-                        rampart_worker::LOG_ERROR => self.log.error(&text),
-                        rampart_worker::LOG_WARN => self.log.warn(&text),
-                        _ => self.log.info(&text),
-                    }
+                    write_worker_log(&mut self.log, &line, &format!("{}: {}", line.target, line.message));
                 }
                 None => self.log.warn(&format!("worker {id}: a message without a kind")),
             }
@@ -512,4 +492,37 @@ impl Supervisor {
             .map(|w| w.id)
             .collect()
     }
+}
+
+/// A worker's log line, at its level.
+fn write_worker_log(log: &mut crate::log::Log, line: &proto::LogLine, text: &str) {
+    match line.level {
+        rampart_worker::LOG_ERROR => log.error(text),
+        rampart_worker::LOG_WARN => log.warn(text),
+        _ => log.info(text),
+    }
+}
+
+/// What a worker that ended left in its channel: its last metric report, and, when `log` is
+/// given (a retired worker), the log lines that say how its drain ended. Its figures then join
+/// those of the ended processes.
+fn last_words(
+    channel: &Channel,
+    pid: Pid,
+    metrics: &mut super::metrics::MetricsStore,
+    mut log: Option<&mut crate::log::Log>,
+) {
+    while let Ok(Some(received)) = channel.recv::<WorkerToSupervisor>() {
+        match received.message.kind {
+            Some(worker_to_supervisor::Kind::Metrics(report)) => metrics.update(pid.as_raw(), report),
+            Some(worker_to_supervisor::Kind::Log(line)) => {
+                if let Some(log) = log.as_deref_mut() {
+                    let text = format!("replaced {} (pid {pid}): {}", line.target, line.message);
+                    write_worker_log(log, &line, &text);
+                }
+            }
+            _ => {}
+        }
+    }
+    metrics.ended(pid.as_raw());
 }
